@@ -1,0 +1,120 @@
+"""ViT encoder that runs on visible tokens only. State-dict keys are timm's VisionTransformer names."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import Block, PatchEmbed, sincos_2d
+
+
+def gather_visible(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] tokens, [B, L] bool mask (True = masked) -> [B, keep, D] visible tokens in grid order."""
+    B, L, D = tokens.shape
+    visible = ~mask
+    keep = visible.sum(dim=1)
+    if keep.numel() and bool((keep != keep[0]).any()):
+        raise ValueError("every image in a batch must have the same number of masked patches")
+    return tokens[visible].reshape(B, -1, D)
+
+
+def scatter_visible(visible_tokens: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Inverse of `gather_visible`: [B, keep, D] -> [B, L, D], masked positions set to `fill` ([D])."""
+    B, L = mask.shape
+    out = fill.to(visible_tokens.dtype).expand(B, L, -1).clone()
+    out[~mask] = visible_tokens.reshape(-1, visible_tokens.shape[-1])
+    return out
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token and a fixed 2D sin-cos position embedding (MAE style).
+
+    Keys match `timm.create_model('vit_*', num_classes=0)`: cls_token, pos_embed, patch_embed.proj,
+    blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool | str = True,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.in_chans = in_chans
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        pos = sincos_2d(embed_dim, self.grid_size, cls_token=True).unsqueeze(0)  # [1, 1 + L, D]
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], layer_scale_init, norm_eps)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.init_weights()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def init_weights(self) -> None:
+        self.patch_embed.init_weights()
+        nn.init.normal_(self.cls_token, std=0.02)
+        init_linear_and_norm(self.blocks)
+        init_linear_and_norm(self.norm)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, D] patch tokens with position embedding (no class token)."""
+        return self.patch_embed(images) + self.pos_embed[:, 1:].to(images.dtype)
+
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
+    def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, H, W] (+ [B, L] bool mask, True = hidden) -> [B, 1 + visible, D], after the final norm."""
+        x = self.embed(images)
+        if mask is not None:
+            x = gather_visible(x, mask)
+        x = self.prepend_cls(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    forward = forward_features
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    def layer_id(self, param_name: str) -> int:
+        """Depth index for layer-wise lr decay: 0 = embeddings, i + 1 = blocks.i, depth + 1 = final norm."""
+        if param_name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0
+        if param_name.startswith("blocks."):
+            return int(param_name.split(".")[1]) + 1
+        return self.num_layers + 1
+
+
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE init: xavier-uniform Linear weights, zero biases, LayerNorm weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

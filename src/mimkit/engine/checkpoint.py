@@ -1,0 +1,97 @@
+"""One checkpoint format for every method: atomic writes, loads that never execute pickled code.
+
+A mimkit checkpoint is a dict saved with `torch.save`:
+    format        "mimkit/1"
+    model_name    registered preset name, e.g. "mae_vit_tiny_patch4_32"
+    model_config  the method config as a plain dict (the preset with overrides applied)
+    model         the model's state dict
+    and, when written by the trainer: optimizer, step, epoch, batch_in_epoch, rng, config (the resolved
+    training config as a plain dict).
+Everything in it is tensors and plain Python containers, so `torch.load(weights_only=True)` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "mimkit/1"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, no code runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise ValueError(
+            f"{path} could not be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "mimkit never unpickles arbitrary objects; if this is an official MAE/CAE/ConvMAE or Hugging Face "
+            "checkpoint, convert it with `mimkit import`."
+        ) from e
+
+
+def model_state(model: nn.Module) -> dict:
+    """The checkpoint entries that describe and hold a model (unwrapping DDP / compile wrappers)."""
+    model = unwrap(model)
+    return {
+        "format": FORMAT,
+        "model_name": getattr(model, "model_name", None),
+        "model_config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+    }
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
+    atomic_save({**model_state(model), **extra}, path)
+
+
+def model_from_checkpoint(path_or_ckpt: str | os.PathLike | dict, strict: bool = True) -> nn.Module:
+    """Rebuild the model a mimkit checkpoint was saved from and load its weights."""
+    from ..registry import create_model
+
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(
+            f"not a mimkit checkpoint (format={ckpt.get('format')!r}); convert foreign checkpoints with "
+            "`mimkit import`"
+        )
+    model = create_model(ckpt["model_name"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"], strict=strict)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

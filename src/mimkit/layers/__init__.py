@@ -1,0 +1,22 @@
+"""Small typed building blocks shared by every backbone and method."""
+
+from .attention import Attention, attend, set_fused_attention
+from .block import Block
+from .drop_path import DropPath
+from .mlp import LayerScale, Mlp
+from .patch_embed import PatchEmbed, to_2tuple
+from .pos_embed import sincos_1d, sincos_2d
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "PatchEmbed",
+    "attend",
+    "set_fused_attention",
+    "sincos_1d",
+    "sincos_2d",
+    "to_2tuple",
+]

@@ -1,0 +1,106 @@
+"""MAE (He et al., 2021): an encoder on visible patches, a light decoder that predicts the masked pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones.vit import VisionTransformer, init_linear_and_norm, scatter_visible
+from ..layers import Block, sincos_2d
+from ..masking import MaskGenerator
+from ..registry import register_model
+from ..targets import masked_mse, pixel_target
+from .base import MIMOutput
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.75
+    mask_kind: str = "random"  # random | grid | block
+    norm_pix_loss: bool = True
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+
+
+class MAE(nn.Module):
+    method = "mae"
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.config = c = config
+        self.encoder = VisionTransformer(
+            c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio,
+            drop_path_rate=c.drop_path_rate, norm_eps=c.norm_eps,
+        )  # fmt: skip
+        self.patch_size = c.patch_size
+        self.grid_size = self.encoder.grid_size
+        self.mask_generator = MaskGenerator(c.mask_kind, self.grid_size, c.mask_ratio)
+
+        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
+        pos = sincos_2d(c.decoder_embed_dim, self.grid_size, cls_token=True).unsqueeze(0)
+        self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)  # [1, 1 + L, Dd]
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, norm_eps=c.norm_eps)
+            for _ in range(c.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=c.norm_eps)
+        patch_area = self.encoder.patch_embed.patch_size[0] * self.encoder.patch_embed.patch_size[1]
+        self.decoder_pred = nn.Linear(c.decoder_embed_dim, patch_area * c.in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+        init_linear_and_norm(self.decoder_embed)
+        init_linear_and_norm(self.decoder_blocks)
+        init_linear_and_norm(self.decoder_norm)
+        init_linear_and_norm(self.decoder_pred)
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], [B, L] -> latent [B, 1 + keep, D] (class token first, visible tokens in grid order)."""
+        return self.encoder.forward_features(images, mask)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1 + keep, D] -> pixel predictions [B, L, p*p*C] for every patch."""
+        x = self.decoder_embed(latent)  # [B, 1 + keep, Dd]
+        patches = scatter_visible(x[:, 1:], mask, self.mask_token.flatten())  # [B, L, Dd]
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)  # [B, 1 + L, Dd]
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop the class token's output
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = pixel_target(images, self.patch_size, self.config.norm_pix_loss)  # [B, L, p*p*C]
+        return masked_mse(pred, target, mask)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+        if mask is None:
+            mask = self.mask_generator(images.shape[0])
+        mask = mask.to(images.device)
+        pred = self.forward_decoder(self.forward_encoder(images, mask), mask)
+        return MIMOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+
+
+def _preset(**kw) -> MAEConfig:
+    return MAEConfig(**kw)
+
+
+register_model(
+    "mae_vit_tiny_patch4_32",
+    MAE,
+    _preset(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+)  # fmt: skip
+register_model("mae_vit_small_patch16_224", MAE, _preset(embed_dim=384, depth=12, num_heads=6))
+register_model("mae_vit_base_patch16_224", MAE, _preset(embed_dim=768, depth=12, num_heads=12))
+register_model("mae_vit_large_patch16_224", MAE, _preset(embed_dim=1024, depth=24, num_heads=16))
+register_model("mae_vit_huge_patch14_224", MAE, _preset(patch_size=14, embed_dim=1280, depth=32, num_heads=16))
