@@ -18,7 +18,14 @@ def register_model(name: str, method_cls: type[nn.Module], config: Any) -> None:
 
 
 def _ensure_methods_loaded() -> None:
-    from . import methods  # noqa: F401  (importing registers every method's presets)
+    """Import every module of `mimkit.methods`; each registers its presets when imported."""
+    import importlib
+    import pkgutil
+
+    from . import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
 
 
 def list_models(pattern: str = "*") -> list[str]:
