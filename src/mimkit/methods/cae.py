@@ -1,0 +1,351 @@
+"""CAE (Chen et al., Context Autoencoder): encoder on visible patches, a latent contextual regressor that
+predicts the masked patches' latents from the visible ones, alignment of those predictions with the
+encoder's own latents of the masked patches, and a decoder that maps predicted latents to targets.
+
+Forward pass (mask = True where hidden; V visible, M masked patches per image):
+
+    z_vis   = encoder(visible patches)                       [B, 1 + V, D]  (class token kept)
+    z_m     = regressor(mask tokens | z_vis)                 [B, M, D]      (cross-attention, z_vis frozen)
+    target  = sg(encoder(masked patches))[:, 1:]             [B, M, D]      (live encoder at momentum 0)
+    pred_m  = decoder(z_m + pos_m)                           [B, M, K]      (never sees z_vis)
+    loss    = decode_loss(pred_m) + align_weight * MSE(z_m, target)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.vit import VisionTransformer, gather_visible, init_linear_and_norm
+from ..layers import Block, sincos_2d
+from ..layers.cross_attention import CrossAttentionBlock
+from ..masking import MaskGenerator
+from ..registry import register_model
+from ..targets import patch_stats, patchify, pixel_target, unpatchify
+from .base import MIMOutput
+
+
+@dataclass(frozen=True)
+class CAEConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    regressor_depth: int = 4
+    decoder_depth: int = 4
+    decoder_embed_dim: int | None = None  # None = embed_dim (CAE decodes at the encoder's width)
+    decoder_num_heads: int | None = None  # None = num_heads
+    mask_ratio: float = 0.5
+    mask_kind: str = "block"  # block | random | grid
+    target: str = "pixel"  # pixel (MSE, norm-pix optional) | token (cross-entropy on tokenizer ids)
+    norm_pix_loss: bool = True
+    align_weight: float = 2.0
+    momentum: float = 0.0  # 0: the live encoder gives the alignment target; > 0: an EMA teacher
+    layer_scale_init: float | None = 0.1
+    drop_path_rate: float = 0.0
+    tokenizer_path: str | None = None  # a `mimkit tokenizer train` file (or DALL-E encoder); target="token"
+    vocab_size: int | None = None  # None = the tokenizer's codebook size; if set, must match it
+    norm_eps: float = 1e-6
+
+
+def cae_encoder_to_timm_beit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a CAE encoder state dict (mimkit/timm-ViT names) to timm `Beit` names.
+
+    Only the layer-scale names differ: `blocks.N.ls1.gamma` -> `blocks.N.gamma_1`, `ls2.gamma` -> `gamma_2`;
+    q_bias/v_bias, qkv, proj, norms, mlp, cls_token, pos_embed and patch_embed keep their names. The result
+    loads with strict=True into `timm.create_model('beit_base_patch16_224', num_classes=0,
+    use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.1, global_pool='token')` (with
+    global_pool='avg' timm moves the final norm to `fc_norm`, applied after pooling: rename `norm.*` there).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
+        out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily switch off stochastic depth (and any dropout) in `module` for a deterministic target."""
+    was_training = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in was_training:
+            m.training = flag
+
+
+class CAE(nn.Module):
+    method = "cae"
+
+    def __init__(self, config: CAEConfig):
+        super().__init__()
+        self.config = c = config
+        if c.target not in ("pixel", "token"):
+            raise ValueError(f"CAE target must be 'pixel' or 'token', got {c.target!r}")
+        if not 0.0 <= c.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {c.momentum}")
+        self.encoder = VisionTransformer(
+            c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio,
+            qkv_bias="qv", drop_path_rate=c.drop_path_rate, layer_scale_init=c.layer_scale_init,
+            norm_eps=c.norm_eps,
+        )  # fmt: skip
+        self.patch_size = c.patch_size
+        self.grid_size = self.encoder.grid_size
+        self.mask_generator = MaskGenerator(c.mask_kind, self.grid_size, c.mask_ratio)
+
+        # Frozen tokenizer for token targets; part of the state dict so a checkpoint is self-contained.
+        self.tokenizer: nn.Module | None = None
+        if c.target == "token":
+            self.tokenizer = self._load_tokenizer()
+            out_dim = self.tokenizer.codebook_size
+        else:
+            ph, pw = self.encoder.patch_embed.patch_size
+            out_dim = ph * pw * c.in_chans
+
+        # Latent contextual regressor: one learned mask token per masked patch, cross-attending to z_vis.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.regressor_blocks = nn.ModuleList(
+            CrossAttentionBlock(
+                c.embed_dim,
+                c.num_heads,
+                c.mlp_ratio,
+                "qv",
+                layer_scale_init=c.layer_scale_init,
+                norm_eps=c.norm_eps,
+            )  # fmt: skip
+            for _ in range(c.regressor_depth)
+        )
+        self.regressor_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
+
+        # Decoder over the regressor's output only (never the visible latents).
+        dec_dim = c.decoder_embed_dim or c.embed_dim
+        self.decoder_embed = nn.Linear(c.embed_dim, dec_dim) if dec_dim != c.embed_dim else nn.Identity()
+        dec_pos = sincos_2d(dec_dim, self.grid_size).unsqueeze(0)  # [1, L, Dd]
+        self.decoder_pos_embed = nn.Parameter(dec_pos, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(
+                dec_dim,
+                c.decoder_num_heads or c.num_heads,
+                c.mlp_ratio,
+                qkv_bias="qv",
+                layer_scale_init=c.layer_scale_init,
+                norm_eps=c.norm_eps,
+            )  # fmt: skip
+            for _ in range(c.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(dec_dim, eps=c.norm_eps)
+        self.decoder_pred = nn.Linear(dec_dim, out_dim)
+
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in (self.regressor_blocks, self.regressor_norm, self.decoder_embed, self.decoder_blocks,
+                  self.decoder_norm, self.decoder_pred):  # fmt: skip
+            init_linear_and_norm(m)
+
+        # EMA teacher only when momentum > 0; at momentum 0 the live encoder (no grad) gives the target.
+        self.teacher: VisionTransformer | None = None
+        if c.momentum > 0:
+            self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+
+    def _load_tokenizer(self) -> nn.Module:
+        c = self.config
+        if not c.tokenizer_path:
+            raise ValueError(
+                "CAE with target='token' needs a tokenizer: train one with `mimkit tokenizer train ... "
+                "--out tok.safetensors` and set tokenizer_path, or use target='pixel'"
+            )
+        if not Path(c.tokenizer_path).exists():
+            raise FileNotFoundError(f"tokenizer file {c.tokenizer_path} not found; check tokenizer_path")
+        from ..tokenizers import load_tokenizer
+
+        tok = load_tokenizer(c.tokenizer_path).requires_grad_(False).eval()
+        if tuple(tok.grid_size(self.encoder.patch_embed.img_size)) != tuple(self.grid_size):
+            raise ValueError(
+                f"tokenizer gives a {tok.grid_size(self.encoder.patch_embed.img_size)} token grid but CAE's "
+                f"patch grid is {self.grid_size}; train the tokenizer with --patch-size {self.patch_size}"
+            )
+        if c.vocab_size is not None and c.vocab_size != tok.codebook_size:
+            raise ValueError(
+                f"vocab_size={c.vocab_size} but the tokenizer has {tok.codebook_size} codes; "
+                "drop vocab_size or set it to the tokenizer's codebook size"
+            )
+        return tok
+
+    def train(self, mode: bool = True) -> CAE:
+        super().train(mode)
+        for frozen in (self.tokenizer, self.teacher):
+            if frozen is not None:
+                frozen.eval()  # frozen parts never use drop-path, whatever the mode
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], [B, L] -> latent [B, 1 + V, D] (class token first, visible tokens in grid order)."""
+        return self.encoder.forward_features(images, mask)
+
+    def _positions(self, mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder position embeddings of the (class + visible) and the masked tokens, grid order."""
+        pos = self.encoder.pos_embed.to(dtype).expand(mask.shape[0], -1, -1)  # [B, 1 + L, D]
+        pos_vis = torch.cat([pos[:, :1], gather_visible(pos[:, 1:], mask)], dim=1)  # [B, 1 + V, D]
+        pos_m = gather_visible(pos[:, 1:], ~mask)  # [B, M, D]
+        return pos_vis, pos_m
+
+    def forward_regressor(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Visible latents [B, 1 + V, D] -> predicted latents of the masked patches Z_m [B, M, D].
+
+        The visible latents are keys/values only; they are read, never written.
+        """
+        pos_vis, pos_m = self._positions(mask, latent.dtype)
+        x_q = self.mask_token.to(latent.dtype).expand(pos_m.shape[0], pos_m.shape[1], -1)  # [B, M, D]
+        pos_kv = torch.cat([pos_vis, pos_m], dim=1)  # [B, 1 + V + M, D]
+        for block in self.regressor_blocks:
+            x_q = block(x_q, torch.cat([latent, x_q], dim=1), pos_m, pos_kv)
+        return self.regressor_norm(x_q)
+
+    def forward_decoder(self, latent_masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Latents of the masked patches [B, M, D] -> predictions [B, M, K] (pixels or token logits)."""
+        x = self.decoder_embed(latent_masked)  # [B, M, Dd]
+        pos = self.decoder_pos_embed.to(x.dtype).expand(mask.shape[0], -1, -1)  # [B, L, Dd]
+        x = x + gather_visible(pos, ~mask)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    @torch.no_grad()
+    def alignment_target(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """sg(encoder output on the masked patches alone) [B, M, D], class token dropped.
+
+        Momentum 0: the live encoder under no_grad (no copy of the weights). Momentum > 0: the EMA teacher.
+        Stochastic depth is off for this pass so the target is deterministic.
+        """
+        net = self.teacher if self.teacher is not None else self.encoder
+        with _eval_mode(net):
+            return net.forward_features(images, ~mask)[:, 1:].detach()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """EMA update of the teacher, teacher = m * teacher + (1 - m) * encoder; no-op at momentum 0.
+
+        The trainer calls this after every optimizer step (on the unwrapped model).
+        """
+        if self.teacher is None:
+            return
+        t_params = list(self.teacher.parameters())
+        s_params = [p.detach().to(t.dtype) for p, t in zip(self.encoder.parameters(), t_params)]
+        torch._foreach_lerp_(t_params, s_params, 1.0 - self.config.momentum)
+
+    # ----------------------------------------------------------------------------------------------
+    def decode_target(self, images: torch.Tensor) -> torch.Tensor:
+        """Targets for every patch: normalised pixels [B, L, p*p*C] (float) or token ids [B, L] (long)."""
+        if self.tokenizer is not None:
+            with torch.no_grad():
+                return self.tokenizer.encode(images)
+        return pixel_target(images, self.patch_size, self.config.norm_pix_loss)
+
+    def forward_loss(
+        self, images: torch.Tensor, pred_m: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        target = self.decode_target(images)
+        if self.tokenizer is not None:
+            ids = gather_visible(target.unsqueeze(-1), ~mask).squeeze(-1)  # [B, M]
+            logits = pred_m.float().flatten(0, 1)  # [B*M, K]
+            loss = F.cross_entropy(logits, ids.flatten())
+            acc = (logits.argmax(-1) == ids.flatten()).float().mean()
+            return loss, {"token_acc": acc.detach()}
+        target_m = gather_visible(target, ~mask)  # [B, M, K]
+        return (pred_m.float() - target_m.float()).pow(2).mean(), {}
+
+    def _full_pred(self, pred_m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, M, K] masked predictions -> [B, L, K]; visible positions are zeros (CAE predicts no
+        visible patch)."""
+        B, L = mask.shape
+        pred = pred_m.new_zeros(B, L, pred_m.shape[-1])
+        pred[mask] = pred_m.reshape(-1, pred_m.shape[-1])
+        return pred
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+        """-> MIMOutput(loss, pred [B, L, K] (zeros at visible positions), mask, metrics:
+        loss_decode, loss_align (+ token_acc for token targets))."""
+        if mask is None:
+            mask = self.mask_generator(images.shape[0])
+        mask = mask.to(images.device)
+        latent = self.forward_encoder(images, mask)  # [B, 1 + V, D]
+        latent_m = self.forward_regressor(latent, mask)  # [B, M, D]
+        target_latent = self.alignment_target(images, mask)  # [B, M, D], no grad
+        pred_m = self.forward_decoder(latent_m, mask)  # [B, M, K]
+        loss_decode, extra = self.forward_loss(images, pred_m, mask)
+        loss_align = F.mse_loss(latent_m.float(), target_latent.float())
+        loss = loss_decode + self.config.align_weight * loss_align
+        metrics = {"loss_decode": loss_decode.detach(), "loss_align": loss_align.detach(), **extra}
+        return MIMOutput(loss=loss, pred=self._full_pred(pred_m, mask), mask=mask, metrics=metrics)
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct_without_regressor(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode the encoder's own latents of the masked patches, skipping the regressor -> [B, L, K].
+
+        The paper's latent-space check: the encoder is run on the masked patches as if they were the
+        visible set (exactly the alignment target), and those latents go straight into the decoder. If the
+        regressor's output and the encoder's output share one latent space, this reconstructs the masked
+        patches too. Visible positions are zeros, as in `forward`'s pred.
+        """
+        latent_m = self.encoder.forward_features(images, ~mask)[:, 1:]  # [B, M, D]
+        return self._full_pred(self.forward_decoder(latent_m, mask), mask)
+
+    @torch.no_grad()
+    def reconstruct_images(
+        self, images: torch.Tensor, mask: torch.Tensor, through_regressor: bool = True
+    ) -> torch.Tensor:
+        """Pixel reconstructions [B, C, H, W] for `mimkit visualize` (pixel targets only).
+
+        Masked patches come from the decoder, either through the regressor (the training path) or straight
+        from the encoder (`through_regressor=False`, see `reconstruct_without_regressor`); visible patches
+        are the input's. With norm_pix_loss the predictions are de-normalised with each true patch's mean and
+        std (as MAE's pictures do).
+        """
+        if self.tokenizer is not None:
+            raise ValueError("pixel reconstructions need a CAE trained with target='pixel'")
+        mask = mask.to(images.device)
+        if through_regressor:
+            pred = self._full_pred(self.forward_decoder(self.forward_regressor(
+                self.forward_encoder(images, mask), mask), mask), mask)  # fmt: skip
+        else:
+            pred = self.reconstruct_without_regressor(images, mask)
+        patches = patchify(images, self.patch_size)  # [B, L, p*p*C]
+        if self.config.norm_pix_loss:
+            mean, std = patch_stats(patches)
+            pred = pred * std + mean
+        out = torch.where(mask.unsqueeze(-1), pred.to(patches.dtype), patches)
+        return unpatchify(out, self.patch_size, self.grid_size, images.shape[1])
+
+
+__all__ = ["CAE", "CAEConfig", "cae_encoder_to_timm_beit"]
+
+
+def _preset(**kw) -> CAEConfig:
+    return CAEConfig(**kw)
+
+
+register_model(
+    "cae_vit_tiny_patch4_32",
+    CAE,
+    _preset(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, regressor_depth=2,
+            decoder_depth=2),
+)  # fmt: skip
+register_model("cae_vit_small_patch16_224", CAE, _preset(embed_dim=384, depth=12, num_heads=6))
+register_model("cae_vit_base_patch16_224", CAE, _preset(embed_dim=768, depth=12, num_heads=12))
+# Large: BEiT-L's layer-scale init 1e-5 (SPEC states 0.1 for Base only).
+register_model(
+    "cae_vit_large_patch16_224", CAE, _preset(embed_dim=1024, depth=24, num_heads=16, layer_scale_init=1e-5)
+)
