@@ -1,0 +1,124 @@
+"""Image transforms (torchvision v2): MAE's pretraining augmentation and a deterministic eval transform.
+
+Both take a PIL image of any mode and size and return a float32 tensor [C, H, W], normalized. All their
+randomness comes from torch's global RNG, which MIMDataset seeds per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from ..layers.patch_embed import to_2tuple
+from .folder import mode_for_channels, to_mode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+
+def default_mean_std(source: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization stats: Fashion-MNIST's own for "fashion_mnist" (repeated per channel), ImageNet's for
+    other 3-channel data, 0.5 / 0.5 otherwise."""
+    if source == "fashion_mnist":
+        return FASHION_MNIST_MEAN * in_chans, FASHION_MNIST_STD * in_chans
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * in_chans, (0.5,) * in_chans
+
+
+class ConvertMode:
+    """PIL image of any mode -> "L" (in_chans=1) or "RGB" (in_chans=3), so every source fits the model."""
+
+    def __init__(self, in_chans: int):
+        self.mode = mode_for_channels(in_chans)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_mode(img, self.mode)
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode!r})"
+
+
+class ResizeCover:
+    """Resize keeping the aspect ratio to the smallest size that covers `size` (h, w); a crop follows."""
+
+    def __init__(self, size: tuple[int, int], interpolation=InterpolationMode.BICUBIC):
+        self.size = size
+        self.interpolation = interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        scale = max(self.size[0] / h, self.size[1] / w)
+        new = (max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale)))
+        return F.resize(img, list(new), interpolation=self.interpolation, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"ResizeCover({self.size})"
+
+
+def _finish(in_chans: int, mean: Sequence[float], std: Sequence[float]) -> list:
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(
+            f"mean/std need {in_chans} values for in_chans={in_chans}, got {len(mean)} and {len(std)}"
+        )
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ]
+
+
+def pretrain_transform(
+    img_size: int | tuple[int, int],
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> v2.Compose:
+    """MAE's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip -> [C, H, W] float32.
+
+    img_size: int (square) or (height, width). mean/std default to 0.5 per channel.
+    """
+    size = to_2tuple(img_size)
+    mean = mean if mean is not None else (0.5,) * in_chans
+    std = std if std is not None else (0.5,) * in_chans
+    return v2.Compose(
+        [
+            ConvertMode(in_chans),
+            v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_finish(in_chans, mean, std),
+        ]
+    )
+
+
+def eval_transform(
+    img_size: int | tuple[int, int],
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+) -> v2.Compose:
+    """Deterministic: resize keeping the aspect ratio so the image covers img_size / crop_pct, center crop.
+
+    crop_pct defaults to 0.875 (224/256, timm's convention for photos) for RGB at >= 64 px, and to 1.0
+    (resize, then crop only what the aspect ratio forces) for grayscale or tiny images such as Fashion-MNIST.
+    """
+    size = to_2tuple(img_size)
+    if crop_pct is None:
+        crop_pct = 0.875 if in_chans == 3 and min(size) >= 64 else 1.0
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    mean = mean if mean is not None else (0.5,) * in_chans
+    std = std if std is not None else (0.5,) * in_chans
+    cover = (int(size[0] / crop_pct), int(size[1] / crop_pct))
+    return v2.Compose(
+        [ConvertMode(in_chans), ResizeCover(cover), v2.CenterCrop(size), *_finish(in_chans, mean, std)]
+    )
