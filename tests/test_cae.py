@@ -1,0 +1,227 @@
+"""CAE structure tests: each fails if one piece of the design (SPEC §4) is broken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mimkit
+from mimkit.layers import set_fused_attention
+from mimkit.layers.cross_attention import CrossAttentionBlock
+from mimkit.methods.cae import CAE, cae_encoder_to_timm_beit
+from mimkit.targets import pixel_target
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, regressor_depth=2, decoder_depth=2)
+
+
+def tiny(**kw) -> CAE:
+    return mimkit.create_model("cae_vit_tiny_patch4_32", **{**TINY, **kw})
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Non-trivial values for zero-initialised biases and layer scales, so mapping mistakes show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias", "gamma", "bias")):
+                p.normal_(0, 0.1)
+
+
+def test_output_contract_and_exact_block_mask():
+    model = tiny(in_chans=1)
+    x = torch.randn(3, 1, 32, 32)
+    out = model(x)
+    assert out.pred.shape == (3, 64, 16) and out.mask.shape == (3, 64)
+    assert out.mask.sum(1).tolist() == [32, 32, 32]
+    assert set(out.metrics) >= {"loss_decode", "loss_align"}
+    assert torch.allclose(out.loss, out.metrics["loss_decode"] + 2.0 * out.metrics["loss_align"])
+    assert (out.pred[~out.mask] == 0).all()  # CAE predicts masked patches only
+    assert (out.pred[out.mask].abs().sum(-1) > 0).all()
+    assert model.forward_encoder(x, out.mask).shape == (3, 1 + 32, 32)
+
+
+def test_block_masks_have_exactly_98_of_196_at_224():
+    model = mimkit.create_model("cae_vit_base_patch16_224", **TINY)
+    assert model.mask_generator.kind == "block"
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        assert model.mask_generator(16, generator=g).sum(1).tolist() == [98] * 16
+
+
+def test_alignment_target_pass_builds_no_graph_and_gradient_matches_stop_gradient():
+    model = tiny()
+    _randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    mask = model.mask_generator(2)
+
+    seen = []
+    real = model.encoder.forward_features
+
+    def spy(images, m=None):
+        y = real(images, m)
+        seen.append((m.clone(), y.requires_grad))
+        return y
+
+    model.encoder.forward_features = spy
+    out = model(x, mask)
+    del model.encoder.forward_features
+    (vis_mask, vis_grad), (tgt_mask, tgt_grad) = seen
+    assert torch.equal(tgt_mask, ~mask) and torch.equal(vis_mask, mask)
+    assert vis_grad and not tgt_grad  # the target branch is computed without autograd
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+    # Reference: the same loss with the target explicitly detached from an independent frozen copy.
+    model.zero_grad()
+    frozen = mimkit.create_model("cae_vit_tiny_patch4_32", **TINY).encoder
+    frozen.load_state_dict(model.encoder.state_dict())
+    with torch.no_grad():
+        target = frozen.eval().forward_features(x, ~mask)[:, 1:]
+    z_m = model.forward_regressor(model.forward_encoder(x, mask), mask)
+    pred_m = model.forward_decoder(z_m, mask)
+    pix = pixel_target(x, 4, True)[mask].reshape(2, -1, 48)
+    loss = F.mse_loss(pred_m, pix) + 2.0 * F.mse_loss(z_m, target)
+    loss.backward()
+    assert torch.allclose(loss, out.loss, atol=1e-6)
+    for n, p in model.encoder.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_decoder_ignores_visible_latents_when_regressor_output_is_fixed(monkeypatch):
+    model = tiny().eval()
+    x1 = torch.randn(2, 3, 32, 32)
+    mask = model.mask_generator(2)
+    # x2 differs from x1 only in visible patches -> different visible latents
+    pix_mask = mask.reshape(2, 1, 8, 1, 8, 1).expand(2, 3, 8, 4, 8, 4).reshape(2, 3, 32, 32)
+    x2 = torch.where(pix_mask, x1, torch.randn_like(x1))
+    assert not torch.allclose(model.forward_encoder(x1, mask), model.forward_encoder(x2, mask))
+    fixed = torch.randn(2, 32, 32)
+    monkeypatch.setattr(model, "forward_regressor", lambda latent, m: fixed)
+    torch.testing.assert_close(model(x1, mask).pred, model(x2, mask).pred, atol=0, rtol=0)
+
+
+def test_regressor_reads_but_never_updates_visible_latents():
+    model = tiny()
+    _randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    mask = model.mask_generator(2)
+    latent = model.forward_encoder(x, mask)  # [B, 1 + V, D]
+    before = latent.detach().clone()
+    kv_seen = []
+    for blk in model.regressor_blocks:
+        blk.register_forward_pre_hook(lambda m, a: kv_seen.append(a[1].detach().clone()))
+    z_m = model.forward_regressor(latent, mask)
+    assert z_m.shape == (2, 32, 32)
+    assert torch.equal(latent, before)
+    n_vis = latent.shape[1]
+    for kv in kv_seen:  # every block's keys/values start with the unchanged visible latents
+        assert torch.equal(kv[:, :n_vis], before)
+    # ...and the queries do use them: other context, other predictions
+    assert not torch.allclose(model.forward_regressor(latent + 1.0, mask), z_m)
+
+
+def test_momentum_zero_keeps_no_second_copy_of_the_encoder():
+    m0, m1 = tiny(), tiny(momentum=0.99)
+    enc = sum(p.numel() for p in m0.encoder.parameters())
+    n0 = sum(t.numel() for t in m0.state_dict().values())
+    n1 = sum(t.numel() for t in m1.state_dict().values())
+    assert m0.teacher is None and not any(k.startswith("teacher.") for k in m0.state_dict())
+    assert n1 - n0 == enc
+    assert all(not p.requires_grad for p in m1.teacher.parameters())
+
+
+def test_ema_teacher_update_and_use():
+    model = tiny(momentum=0.9)
+    _randomize(model)
+    t_old = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    s = model.encoder.state_dict()
+    model.after_optimizer_step()
+    for k, v in model.teacher.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * t_old[k] + 0.1 * s[k])
+    x, mask = torch.randn(2, 3, 32, 32), model.mask_generator(2)
+    expect = model.teacher.forward_features(x, ~mask)[:, 1:]
+    torch.testing.assert_close(model.alignment_target(x, mask), expect)
+    assert not torch.allclose(
+        model.alignment_target(x, mask), model.encoder.eval().forward_features(x, ~mask)[:, 1:]
+    )
+
+
+def test_after_optimizer_step_is_a_noop_at_momentum_zero():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.after_optimizer_step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fused_and_math_attention_agree_in_regressor():
+    blk = CrossAttentionBlock(32, 4, layer_scale_init=0.1)
+    xq, xkv, pq, pkv = (
+        torch.randn(2, 5, 32),
+        torch.randn(2, 9, 32),
+        torch.randn(2, 5, 32),
+        torch.randn(2, 9, 32),
+    )
+    fused = blk(xq, xkv, pq, pkv)
+    exact = set_fused_attention(blk, False)(xq, xkv, pq, pkv)
+    torch.testing.assert_close(fused, exact, atol=1e-5, rtol=1e-5)
+    assert blk.attn.k.bias is None and blk.attn.q.bias is not None  # q/v bias, no k bias
+
+
+def test_reconstructions_keep_visible_patches_and_both_paths_run():
+    model = tiny(in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    mask = model.mask_generator(2)
+    via_reg = model.reconstruct_images(x, mask, through_regressor=True)
+    direct = model.reconstruct_images(x, mask, through_regressor=False)
+    vis = ~mask.reshape(2, 1, 8, 1, 8, 1).expand(2, 1, 8, 4, 8, 4).reshape(2, 1, 32, 32)
+    assert torch.equal(via_reg[vis], x[vis]) and torch.equal(direct[vis], x[vis])
+    assert not torch.allclose(via_reg, direct)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    model = tiny(in_chans=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(2, 1, 32, 32)
+    mask = model.mask_generator(2)
+    losses = []
+    for _ in range(8):
+        out = model(x, mask)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.after_optimizer_step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def _check_beit_parity(preset: str, beit_name: str, img: int, **size) -> None:
+    timm = pytest.importorskip("timm")
+    model = mimkit.create_model(preset, regressor_depth=0, decoder_depth=0, **size)
+    _randomize(model.encoder)
+    beit = timm.create_model(
+        beit_name, pretrained=False, num_classes=0, global_pool="token", use_abs_pos_emb=True,
+        use_rel_pos_bias=False, use_shared_rel_pos_bias=False, init_values=0.1, **size,
+    )  # fmt: skip
+    beit.load_state_dict(cae_encoder_to_timm_beit(model.encoder.state_dict()), strict=True)
+    x = torch.randn(2, model.config.in_chans, img, img)
+    with torch.no_grad():
+        ours = model.encoder.eval().forward_features(x)
+        theirs = beit.eval().forward_features(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_exports_to_timm_beit_with_same_features():
+    # timm's Beit class at a small size (same code path as beit_base, only the sizes differ)
+    _check_beit_parity(
+        "cae_vit_tiny_patch4_32", "beit_base_patch16_224", 32,
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cae_base_exports_to_timm_beit_base():
+    _check_beit_parity("cae_vit_base_patch16_224", "beit_base_patch16_224", 224)
