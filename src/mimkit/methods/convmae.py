@@ -1,0 +1,207 @@
+"""ConvMAE (Gao et al., 2022): MAE with a hybrid conv-transformer encoder, masked convolution, multi-scale fusion.
+
+Encoder: `mimkit.backbones.convvit.ConvViT` (see its module doc). Mask: random 75% on the stage-3 grid
+(total stride `patch_size`, 16 for the paper's strides 4/2/2), upsampled to stages 1-2 inside the encoder.
+Decoder and loss: MAE's (Linear to 512, one shared mask token per masked patch, fixed sin-cos pos embed,
+8 blocks of 16 heads, LayerNorm, Linear to p*p*C; norm-pix MSE on masked patches), without a class token,
+with MAE's state-dict key names (decoder_embed, mask_token, decoder_pos_embed, decoder_blocks, decoder_norm,
+decoder_pred).
+
+Presets (widths / depths of the three stages, ViT heads; total stride = patch size):
+
+- convmae_tiny_patch8_64: CPU preset for Fashion-MNIST-sized data: 64 px, strides 2/2/2 (stage grids
+  32/16/8), widths 64/96/192, depths 1/1/4, 3 heads, decoder 128 wide x 2 blocks. An 8x8 stage-3 grid keeps
+  16 visible tokens at 75% masking, as the MAE tiny preset (32 px / patch 4); the Base strides on a 64 px
+  image would leave a 4x4 grid and 4 visible tokens.
+- convmae_small_patch16_224: 128/256/384, depths 2/2/11, 6 heads (ViT-S width for stage 3, Base layout).
+- convmae_base_patch16_224: 256/384/768, depths 2/2/11, 12 heads (the paper's ConvMAE-B).
+- convmae_large_patch16_224: 384/768/1024, depths 2/2/23, 16 heads (ViT-L width and depth for stage 3,
+  wider conv stages in proportion; not a released model).
+
+Any image size divisible by the total stride works at run time (square or not); `img_size` only sets the
+stored position embeddings and the default mask generator's grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones.convvit import ConvViT
+from ..backbones.vit import init_linear_and_norm, scatter_visible
+from ..layers import Block, sincos_2d
+from ..masking import MaskGenerator
+from ..registry import register_model
+from ..targets import masked_mse, pixel_target
+from .base import MIMOutput
+
+
+@dataclass(frozen=True)
+class ConvMAEConfig:
+    img_size: int | tuple[int, int] = 224
+    in_chans: int = 3
+    strides: tuple[int, int, int] = (4, 2, 2)  # patch-embedding strides of stages 1, 2, 3
+    embed_dims: tuple[int, int, int] = (256, 384, 768)
+    depths: tuple[int, int, int] = (2, 2, 11)
+    num_heads: int = 12  # stage-3 ViT blocks
+    mlp_ratio: float = 4.0
+    dw_kernel: int = 5  # depthwise conv of the conv blocks
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.75
+    mask_kind: str = "random"  # random | grid | block, on the stage-3 grid
+    norm_pix_loss: bool = True
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6  # ViT blocks and final norms
+    conv_norm_eps: float = 1e-5  # patch embeddings and conv blocks (nn.LayerNorm default, as the authors)
+    skip_masked: bool = True  # stages 1-2 on visible cells only (exact; faster)
+
+    @property
+    def patch_size(self) -> int:
+        """Total stride: the side of one stage-3 patch in pixels (the reconstruction target's patch)."""
+        return math.prod(self.strides)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.embed_dims[-1]
+
+
+class ConvMAE(nn.Module):
+    method = "convmae"
+
+    def __init__(self, config: ConvMAEConfig):
+        super().__init__()
+        self.config = c = config
+        self.encoder = ConvViT(
+            c.img_size, c.in_chans, c.embed_dims, c.depths, c.strides, c.num_heads, c.mlp_ratio, c.dw_kernel,
+            c.drop_path_rate, c.norm_eps, c.conv_norm_eps, c.skip_masked,
+        )  # fmt: skip
+        self.patch_size = self.encoder.patch_size
+        self.grid_size = self.encoder.grid_size
+        self.mask_generator = MaskGenerator(c.mask_kind, self.grid_size, c.mask_ratio)
+
+        self.decoder_embed = nn.Linear(c.embed_dims[-1], c.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
+        pos = sincos_2d(c.decoder_embed_dim, self.grid_size).unsqueeze(0)  # [1, L, Dd], no class token
+        self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, norm_eps=c.norm_eps)
+            for _ in range(c.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=c.norm_eps)
+        self.decoder_pred = nn.Linear(c.decoder_embed_dim, self.patch_size**2 * c.in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            init_linear_and_norm(module)
+
+    def mask_generator_for(self, grid_size: tuple[int, int]) -> MaskGenerator:
+        """The configured mask generator, or one of the same kind and ratio for another stage-3 grid."""
+        if tuple(grid_size) == self.grid_size:
+            return self.mask_generator
+        return MaskGenerator(self.config.mask_kind, grid_size, self.config.mask_ratio)
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], [B, L] -> latent [B, keep, D] (visible tokens in grid order, no class token)."""
+        return self.encoder.forward_features(images, mask)
+
+    def forward_decoder(
+        self, latent: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """latent [B, keep, D] -> pixel predictions [B, L, p*p*C] for every patch of the stage-3 grid."""
+        grid_size = tuple(grid_size or self.grid_size)
+        if grid_size == self.grid_size:
+            pos = self.decoder_pos_embed
+        else:
+            pos = sincos_2d(self.config.decoder_embed_dim, grid_size).unsqueeze(0).to(latent.device)
+        x = self.decoder_embed(latent)  # [B, keep, Dd]
+        x = scatter_visible(x, mask, self.mask_token.flatten()) + pos.to(x.dtype)  # [B, L, Dd]
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = pixel_target(images, self.patch_size, self.config.norm_pix_loss)  # [B, L, p*p*C]
+        return masked_mse(pred, target, mask)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+        grid = self.encoder.grid_for(images)
+        if mask is None:
+            mask = self.mask_generator_for(grid)(images.shape[0])
+        mask = mask.to(images.device)
+        latent = self.forward_encoder(images, mask)  # [B, keep, D]
+        pred = self.forward_decoder(latent, mask, grid)  # [B, L, p*p*C]
+        loss = self.forward_loss(images, pred, mask)
+        return MIMOutput(loss=loss, pred=pred, mask=mask, features=latent.mean(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The authors' checkpoint layout (models_convmae.py): encoder keys at the top level (patch_embed1..4,
+# pos_embed, blocks1..3, stage1/2_output_decode, norm), decoder keys as MAE. mimkit nests the encoder under
+# `encoder.`; every tensor keeps its name and shape otherwise.
+
+OFFICIAL_ENCODER_PREFIXES = (
+    "patch_embed1.", "patch_embed2.", "patch_embed3.", "patch_embed4.", "pos_embed",
+    "blocks1.", "blocks2.", "blocks3.", "stage1_output_decode.", "stage2_output_decode.", "norm.",
+)  # fmt: skip
+OFFICIAL_DECODER_PREFIXES = (
+    "decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.",
+)  # fmt: skip
+
+
+def convmae_from_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an authors'-layout ConvMAE state dict (or a checkpoint holding it under "model") to mimkit keys.
+
+    Encoder keys gain the `encoder.` prefix; decoder keys are unchanged. A fine-tuned encoder checkpoint
+    (no decoder) maps too: load it with `model.load_state_dict(sd, strict=False)` or into `model.encoder`.
+    Keys of neither part (e.g. a classification `head`) raise an error naming them.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith(OFFICIAL_ENCODER_PREFIXES):
+            out["encoder." + key] = value
+        elif key.startswith(OFFICIAL_DECODER_PREFIXES):
+            out[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"not a ConvMAE pretraining state dict: unexpected keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+            "; drop classification-head keys (head.*, fc_norm.*) before importing"
+        )
+    return out
+
+
+def convmae_to_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `convmae_from_official_state_dict`: mimkit ConvMAE keys -> the authors' layout."""
+    return {k.removeprefix("encoder."): v for k, v in state_dict.items()}
+
+
+def _preset(**kw) -> ConvMAEConfig:
+    return ConvMAEConfig(**kw)
+
+
+register_model(
+    "convmae_tiny_patch8_64",
+    ConvMAE,
+    _preset(img_size=64, strides=(2, 2, 2), embed_dims=(64, 96, 192), depths=(1, 1, 4), num_heads=3,
+            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+)  # fmt: skip
+register_model(
+    "convmae_small_patch16_224", ConvMAE, _preset(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6)
+)
+register_model(
+    "convmae_base_patch16_224", ConvMAE, _preset(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12)
+)
+register_model(
+    "convmae_large_patch16_224",
+    ConvMAE,
+    _preset(embed_dims=(384, 768, 1024), depths=(2, 2, 23), num_heads=16),
+)
