@@ -1,0 +1,180 @@
+"""Throughput accounting: model FLOPs per image, a measured matmul ceiling, MFU, and bf16 weight caching.
+
+A training step's "model FLOPs" count the matrix multiplications only (linear layers, convolutions,
+attention scores and the attention-weighted sum), 2 FLOPs per multiply-add, forward + backward; the
+backward pass costs twice the forward except where no input gradient is needed (the patch embedding, whose
+input is the image). Element-wise work (norms, GELU, softmax, the optimizer) is not counted: it is the
+overhead MFU exposes.
+
+Trainer wiring (the whole API the trainer needs)::
+
+    flops = model_flops_per_image(model)                # once, before training (FLOPs per image per step)
+    ceiling = measure_matmul_ceiling(torch.bfloat16)    # once at start-up (FLOP/s), or a number given
+    ...
+    print(f"{imgs_per_s:.1f} img/s, MFU {mfu(imgs_per_s, flops, ceiling):.1%}")
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+__all__ = [
+    "mae_flops_per_image",
+    "count_flops_per_image",
+    "model_flops_per_image",
+    "measure_matmul_ceiling",
+    "mfu",
+]
+
+
+def _register_cpu_sdpa_formulas() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel; count it the same way."""
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(fwd)
+        def _fwd(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query, key, value)
+
+    if bwd is not None and bwd not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(bwd)
+        def _bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_register_cpu_sdpa_formulas()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analytic count for MAE
+
+
+def _transformer_fwd_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> int:
+    """Forward matmul FLOPs of `depth` pre-norm blocks on `tokens` tokens of width `dim` (one image)."""
+    hidden = int(dim * mlp_ratio)
+    linear = 2 * tokens * dim * (3 * dim + dim + 2 * hidden)  # qkv, proj, fc1, fc2
+    attention = 2 * 2 * tokens * tokens * dim  # q k^T and (scores) v, summed over heads
+    return depth * (linear + attention)
+
+
+def mae_flops_per_image(config: Any, training: bool = True) -> int:
+    """Matmul FLOPs of one MAE image: encoder on the class token + visible patches, decoder on all tokens.
+
+    `config` is an `MAEConfig` (or anything with its fields). `training=True` counts forward + backward
+    (3x forward, except the patch embedding's backward, which computes only the weight gradient).
+    """
+    from ..layers.patch_embed import to_2tuple
+
+    (h, w), (ph, pw) = to_2tuple(config.img_size), to_2tuple(config.patch_size)
+    num_patches = (h // ph) * (w // pw)
+    keep = int(num_patches * (1 - config.mask_ratio))
+    if getattr(config, "mask_kind", "random") == "grid":
+        keep = ((h // ph + 1) // 2) * ((w // pw + 1) // 2)
+    patch_dim = ph * pw * config.in_chans
+    D, Dd = config.embed_dim, config.decoder_embed_dim
+
+    patch_embed = 2 * num_patches * patch_dim * D  # the conv runs on every patch, before masking
+    rest = (
+        _transformer_fwd_flops(1 + keep, D, config.depth, config.mlp_ratio)
+        + 2 * (1 + keep) * D * Dd  # decoder_embed
+        + _transformer_fwd_flops(1 + num_patches, Dd, config.decoder_depth, config.mlp_ratio)
+        + 2 * (1 + num_patches) * Dd * patch_dim  # decoder_pred (class token included, then dropped)
+    )
+    if not training:
+        return patch_embed + rest
+    return 2 * patch_embed + 3 * rest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measured count for any model
+
+
+def _example_images(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "img_size"):
+        raise ValueError("cannot infer the input size of this model; pass `images=` explicitly")
+    from ..layers.patch_embed import to_2tuple
+
+    h, w = to_2tuple(config.img_size)
+    param = next(model.parameters())
+    return torch.randn(batch_size, getattr(config, "in_chans", 3), h, w, device=param.device)
+
+
+def count_flops_per_image(
+    model: nn.Module, images: torch.Tensor | None = None, training: bool = True, **forward_kwargs: Any
+) -> int:
+    """Count matmul FLOPs per image with `torch.utils.flop_counter.FlopCounterMode` on one real step.
+
+    Runs `model(images).loss` (default: one random image) and, with `training=True`, the gradient with
+    respect to every trainable parameter through `torch.autograd.grad`, so `.grad` fields, the RNG state
+    and train/eval mode are left as they were. Works for any method following the mimkit contract.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=[]), flop_counter.FlopCounterMode(display=False) as counter:
+        if images is None:
+            images = _example_images(model)
+        if training:
+            loss = model(images, **forward_kwargs).loss
+            torch.autograd.grad(loss, params, allow_unused=True)
+        else:
+            with torch.no_grad():
+                model(images, **forward_kwargs)
+    return int(counter.get_total_flops()) // images.shape[0]
+
+
+def model_flops_per_image(model: nn.Module, training: bool = True) -> int:
+    """Matmul FLOPs per image of one training step (forward + backward) or, `training=False`, a forward.
+
+    Analytic for MAE (exact, matches FlopCounterMode); measured with `count_flops_per_image` on one image
+    for every other model (call it once, at start-up: it costs about one batch-1 step).
+    """
+    if getattr(model, "method", None) == "mae" and type(model).__name__ == "MAE":
+        return mae_flops_per_image(model.config, training)
+    return count_flops_per_image(model, training=training)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ceiling and MFU
+
+
+def measure_matmul_ceiling(
+    dtype: torch.dtype = torch.float32,
+    size: int = 2048,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+) -> float:
+    """FLOP/s of a large square matmul (`size`^3, the best of `repeats` after one warm-up) in `dtype`.
+
+    This is the practical peak the model's matmuls could reach on this machine with the current thread
+    settings. It takes about a second on CPU.
+    """
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first call is a warm-up
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def mfu(images_per_second: float, flops_per_image: float, ceiling_flops_per_second: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s divided by the matmul ceiling (0.4 = 40%)."""
+    if ceiling_flops_per_second <= 0:
+        raise ValueError("the matmul ceiling must be positive; measure it with measure_matmul_ceiling()")
+    return images_per_second * flops_per_image / ceiling_flops_per_second

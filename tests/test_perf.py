@@ -1,0 +1,116 @@
+"""FLOP accounting, matmul ceiling, MFU and the benchmark's peer config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mimkit
+from mimkit.engine.perf import (
+    count_flops_per_image,
+    mae_flops_per_image,
+    measure_matmul_ceiling,
+    mfu,
+    model_flops_per_image,
+)
+from mimkit.layers import set_fused_attention
+
+SMALL = dict(depth=2, decoder_depth=1, embed_dim=64, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("overrides", [{}, {"img_size": (32, 16), "in_chans": 1, "mask_ratio": 0.5}])
+def test_analytic_mae_flops_match_flop_counter(training, overrides):
+    # Independent source: torch's FlopCounterMode on a real step through the exact (math) attention path.
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL, **overrides)
+    set_fused_attention(model, False)
+    counted = count_flops_per_image(model, torch.randn(3, model.config.in_chans, *_hw(model)), training)
+    assert mae_flops_per_image(model.config, training) == counted
+
+
+def _hw(model):
+    s = model.config.img_size
+    return (s, s) if isinstance(s, int) else s
+
+
+def test_mae_vit_base_flops_by_hand():
+    # ViT-B/16 MAE, 49 visible of 196: hand-computed per-image forward FLOPs (2 per multiply-add).
+    enc = 12 * (2 * 50 * 768 * (4 * 768 + 2 * 3072) + 4 * 50 * 50 * 768)
+    dec = 8 * (2 * 197 * 512 * (4 * 512 + 2 * 2048) + 4 * 197 * 197 * 512)
+    embed = 2 * 196 * 768 * 768
+    heads = 2 * 50 * 768 * 512 + 2 * 197 * 512 * 768
+    config = mimkit.registry.model_config("mae_vit_base_patch16_224")
+    assert mae_flops_per_image(config, training=False) == enc + dec + embed + heads
+    assert mae_flops_per_image(config) == 3 * (enc + dec + heads) + 2 * embed
+    assert 58e9 < mae_flops_per_image(config) < 59e9
+
+
+def test_counting_leaves_grads_rng_and_mode_untouched():
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL)
+    torch.manual_seed(1)
+    expected_next = torch.rand(4)
+    torch.manual_seed(1)
+    count_flops_per_image(model)
+    assert torch.equal(torch.rand(4), expected_next)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def test_fused_attention_is_counted_on_cpu():
+    # The CPU SDPA kernel is not in torch's flop registry by default; perf registers it. Without it the
+    # fused count would miss the attention matmuls entirely.
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL)
+    fused = count_flops_per_image(model, training=False)
+    set_fused_attention(model, False)
+    assert fused == count_flops_per_image(model, training=False)
+
+
+def test_model_flops_per_image_falls_back_to_counting():
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL)
+    set_fused_attention(model, False)
+    analytic = model_flops_per_image(model)
+
+    class Wrapped(torch.nn.Module):  # not an MAE: must be measured
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, images):
+            return self.inner(images)
+
+    assert model_flops_per_image(Wrapped(model)) == analytic
+
+
+def test_matmul_ceiling_and_mfu():
+    ceiling = measure_matmul_ceiling(torch.float32, size=256, repeats=2)
+    assert 1e8 < ceiling < 1e14  # FLOP/s: a plausible range for any CPU
+    assert mfu(10.0, 5e9, 1e11) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="ceiling"):
+        mfu(1.0, 1.0, 0.0)
+
+
+def test_peer_config_is_equivalent():
+    # The benchmark's Hugging Face peer must be the same model: same trainable parameter count and the
+    # settings that change the work done (eps, norm-pix, mask ratio). Numeric parity is tests/test_parity_mae.py.
+    transformers = pytest.importorskip("transformers")
+    from mimkit.commands.bench import hf_config
+
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL).eval()
+    peer = transformers.ViTMAEForPreTraining(hf_config(model.config)).eval()
+    n_ours = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_peer = sum(p.numel() for p in peer.parameters() if p.requires_grad)
+    assert n_ours == n_peer
+    assert peer.config.layer_norm_eps == 1e-6 and peer.config.norm_pix_loss and peer.config.mask_ratio == 0.75
+
+
+@pytest.mark.parametrize("impl", ["mimkit", "peer"])
+def test_bench_worker_runs_a_train_step(impl):
+    pytest.importorskip("transformers")
+    from mimkit.commands.bench import run_worker
+
+    res = run_worker(impl, "mae_vit_tiny_patch4_32", 4, "bf16", warmup=0, steps=1)
+    assert res["img_per_s"] > 0 and len(res["step_s"]) == 1
+    assert res["peak_rss_mb"] >= res["baseline_rss_mb"]
+    assert res["flops_per_image"] == mae_flops_per_image(
+        mimkit.registry.model_config("mae_vit_tiny_patch4_32")
+    )
