@@ -1,0 +1,1 @@
+"""Import official / Hugging Face checkpoints into mimkit, export mimkit encoders to timm / HF / safetensors."""
