@@ -285,6 +285,20 @@ def test_eval_transform_normalizes_and_center_crops():
     assert photo.size == (256, 256)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_fused_to_tensor_matches_torchvision_to_tensor_normalize(mode):
+    from torchvision import transforms as T
+
+    from mimkit.data.transforms import ToNormalizedTensor
+
+    c = 1 if mode == "L" else 3
+    arr = np.random.default_rng(0).integers(0, 256, (7, 5, c), dtype=np.uint8).squeeze()
+    img = Image.fromarray(arr)
+    mean, std = [0.1, 0.5, 0.9][:c], [0.2, 0.3, 0.4][:c]
+    ref = T.Normalize(mean, std)(T.ToTensor()(img))
+    assert torch.allclose(ToNormalizedTensor(mean, std)(img), ref, atol=1e-6)
+
+
 def test_default_mean_std():
     assert default_mean_std("fashion_mnist", 1) == ((0.2860,), (0.3530,))
     assert default_mean_std("fashion_mnist", 3) == ((0.2860,) * 3, (0.3530,) * 3)

@@ -1,4 +1,4 @@
-"""Image transforms (torchvision v2): MAE's pretraining augmentation and a deterministic eval transform.
+"""Image transforms (torchvision): MAE's pretraining augmentation and a deterministic eval transform.
 
 Both take a PIL image of any mode and size and return a float32 tensor [C, H, W], normalized. All their
 randomness comes from torch's global RNG, which MIMDataset seeds per sample.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 from ..layers.patch_embed import to_2tuple
 from .folder import mode_for_channels, to_mode
@@ -56,23 +58,41 @@ class ResizeCover:
         w, h = img.size
         scale = max(self.size[0] / h, self.size[1] / w)
         new = (max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale)))
-        return F.resize(img, list(new), interpolation=self.interpolation, antialias=True)
+        return F.resize(img, list(new), interpolation=self.interpolation)
 
     def __repr__(self) -> str:
         return f"ResizeCover({self.size})"
 
 
-def _finish(in_chans: int, mean: Sequence[float], std: Sequence[float]) -> list:
+class ToNormalizedTensor:
+    """PIL image -> float32 tensor [C, H, W] = (pixel / 255 - mean) / std, i.e. ToTensor + Normalize fused
+    into one pass (several times faster on small images, where the data loader is the bottleneck)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+        std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1) / std_t
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(img, dtype=np.float32)  # [H, W] or [H, W, C]
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if pixels.shape[2] != len(self.mean):
+            raise ValueError(f"image has {pixels.shape[2]} channels, mean/std have {len(self.mean)}")
+        x = torch.from_numpy(pixels).permute(2, 0, 1)  # [C, H, W]
+        return torch.addcmul(self._shift, x, self._scale).contiguous()
+
+    def __repr__(self) -> str:
+        return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
+
+
+def _to_tensor(in_chans: int, mean: Sequence[float], std: Sequence[float]) -> ToNormalizedTensor:
     if len(mean) != in_chans or len(std) != in_chans:
         raise ValueError(
             f"mean/std need {in_chans} values for in_chans={in_chans}, got {len(mean)} and {len(std)}"
         )
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-        v2.ToPureTensor(),
-    ]
+    return ToNormalizedTensor(mean, std)
 
 
 def pretrain_transform(
@@ -81,7 +101,7 @@ def pretrain_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     scale: tuple[float, float] = (0.2, 1.0),
-) -> v2.Compose:
+) -> T.Compose:
     """MAE's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip -> [C, H, W] float32.
 
     img_size: int (square) or (height, width). mean/std default to 0.5 per channel.
@@ -89,12 +109,12 @@ def pretrain_transform(
     size = to_2tuple(img_size)
     mean = mean if mean is not None else (0.5,) * in_chans
     std = std if std is not None else (0.5,) * in_chans
-    return v2.Compose(
+    return T.Compose(
         [
             ConvertMode(in_chans),
-            v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-            *_finish(in_chans, mean, std),
+            T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            _to_tensor(in_chans, mean, std),
         ]
     )
 
@@ -105,7 +125,7 @@ def eval_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float | None = None,
-) -> v2.Compose:
+) -> T.Compose:
     """Deterministic: resize keeping the aspect ratio so the image covers img_size / crop_pct, center crop.
 
     crop_pct defaults to 0.875 (224/256, timm's convention for photos) for RGB at >= 64 px, and to 1.0
@@ -119,6 +139,6 @@ def eval_transform(
     mean = mean if mean is not None else (0.5,) * in_chans
     std = std if std is not None else (0.5,) * in_chans
     cover = (int(size[0] / crop_pct), int(size[1] / crop_pct))
-    return v2.Compose(
-        [ConvertMode(in_chans), ResizeCover(cover), v2.CenterCrop(size), *_finish(in_chans, mean, std)]
+    return T.Compose(
+        [ConvertMode(in_chans), ResizeCover(cover), T.CenterCrop(size), _to_tensor(in_chans, mean, std)]
     )
