@@ -1,0 +1,42 @@
+"""Evaluation of frozen and fine-tuned encoders: kNN, linear and attentive probes, (partial) fine-tuning."""
+
+from .attentive import AttentiveProbe, AttentiveProbeConfig, train_attentive_probe
+from .features import cached_features, extract_features, get_encoder, pool_tokens
+from .finetune import (
+    FinetuneClassifier,
+    FinetuneConfig,
+    finetune,
+    layer_decay_param_groups,
+    set_trainable_blocks,
+)
+from .knn import knn_classify, knn_predict
+from .linear import LARS, LinearHeadBank, LinearProbeConfig, ProbeResult, train_linear_probe
+from .online import OnlineProbe, pooled_features
+from .report import classification_metrics, confusion_matrix, write_results
+
+__all__ = [
+    "LARS",
+    "AttentiveProbe",
+    "AttentiveProbeConfig",
+    "FinetuneClassifier",
+    "FinetuneConfig",
+    "LinearHeadBank",
+    "LinearProbeConfig",
+    "OnlineProbe",
+    "ProbeResult",
+    "cached_features",
+    "classification_metrics",
+    "confusion_matrix",
+    "extract_features",
+    "finetune",
+    "get_encoder",
+    "knn_classify",
+    "knn_predict",
+    "layer_decay_param_groups",
+    "pool_tokens",
+    "pooled_features",
+    "set_trainable_blocks",
+    "train_attentive_probe",
+    "train_linear_probe",
+    "write_results",
+]

@@ -1,0 +1,167 @@
+"""Attentive probe (CAE, SPEC §4/§6): one learned query cross-attends to all frozen output tokens.
+
+query [1, D] -> LayerNorm on q, k, v -> multi-head cross-attention over the encoder's tokens -> [D]
+-> BatchNorm1d without affine -> Linear. Trained on cached token features; evaluated with the BatchNorm in
+eval mode (running statistics), unlike the authors' script which evaluates in train mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import attend
+from .linear import ProbeResult, split_train_val
+
+
+class AttentiveProbe(nn.Module):
+    """tokens [B, T, D] -> logits [B, num_classes] through one learned query's cross-attention."""
+
+    def __init__(self, embed_dim: int, num_classes: int, num_heads: int = 8):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; pick a divisor"
+            )
+        self.num_heads = num_heads
+        self.fused = True
+        self.query = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.norm_q = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm_k = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm_v = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.q = nn.Linear(embed_dim, embed_dim)
+        self.k = nn.Linear(embed_dim, embed_dim)
+        self.v = nn.Linear(embed_dim, embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.bn = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        nn.init.trunc_normal_(self.query, std=0.02)
+        for m in (self.q, self.k, self.v, self.proj):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, D]: the query's attention output."""
+        B, T, D = tokens.shape
+        h, d = self.num_heads, D // self.num_heads
+        q = (
+            self.q(self.norm_q(self.query.expand(B, -1, -1))).reshape(B, 1, h, d).transpose(1, 2)
+        )  # [B, h, 1, d]
+        k = self.k(self.norm_k(tokens)).reshape(B, T, h, d).transpose(1, 2)  # [B, h, T, d]
+        v = self.v(self.norm_v(tokens)).reshape(B, T, h, d).transpose(1, 2)  # [B, h, T, d]
+        x = attend(q, k, v, self.fused)  # [B, h, 1, d]
+        return self.proj(x.transpose(1, 2).reshape(B, D))  # [B, D]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.pool(tokens)))  # [B, C]
+
+
+@dataclass
+class AttentiveProbeConfig:
+    num_heads: int | None = None  # None: the encoder's head count (or embed_dim // 64, at least 1)
+    base_lr: float = 1e-3  # lr = base_lr * batch / 256
+    weight_decay: float = 1e-4
+    epochs: int = 20
+    batch_size: int = 256
+    warmup_epochs: int = 1
+    val_fraction: float = 0.0  # > 0: report the held-out accuracy too
+    seed: int = 0
+
+
+def encoder_num_heads(encoder: nn.Module, embed_dim: int) -> int:
+    """The head count of the encoder's last attention layer, else embed_dim // 64 (at least 1)."""
+    for m in reversed(list(encoder.modules())):
+        heads = getattr(m, "num_heads", None)
+        if isinstance(heads, int) and embed_dim % heads == 0:
+            return heads
+    heads = max(1, embed_dim // 64)
+    while embed_dim % heads:
+        heads -= 1
+    return heads
+
+
+@torch.no_grad()
+def _predict(probe: AttentiveProbe, tokens: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    probe.eval()  # BatchNorm uses its running statistics
+    return torch.cat(
+        [probe(tokens[i : i + batch_size].float()).argmax(-1) for i in range(0, len(tokens), batch_size)]
+    )
+
+
+def train_attentive_probe(
+    train_tokens: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_tokens: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    config: AttentiveProbeConfig | None = None,
+    num_heads: int = 8,
+    progress: bool = False,
+) -> ProbeResult:
+    """train_tokens [N, T, D] (any float dtype; fp16 caches are fine), labels [N]; test likewise.
+
+    AdamW with cosine schedule and linear warmup; `config.num_heads` overrides `num_heads`.
+    """
+    cfg = config or AttentiveProbeConfig()
+    y_all, y_test = train_labels.long(), test_labels.long()
+    num_classes = num_classes or int(max(y_all.max(), y_test.max())) + 1
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tr_idx, val_idx = split_train_val(len(train_tokens), cfg.val_fraction, cfg.seed)
+    D = train_tokens.shape[-1]
+    probe = AttentiveProbe(D, num_classes, cfg.num_heads or num_heads)
+    batch = min(cfg.batch_size, len(tr_idx))
+    lr = cfg.base_lr * batch / 256
+    decay = [p for n, p in probe.named_parameters() if p.ndim > 1 and n != "query"]
+    no_decay = [p for n, p in probe.named_parameters() if not (p.ndim > 1 and n != "query")]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+    steps_per_epoch = len(tr_idx) // batch
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="attentive probe", leave=False)
+    step = 0
+    for _ in epochs:
+        probe.train()
+        perm = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
+        for i in range(steps_per_epoch):
+            scale = (
+                step / warmup
+                if step < warmup
+                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            )
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            idx = perm[i * batch : (i + 1) * batch]
+            loss = F.cross_entropy(probe(train_tokens[idx].float()), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+
+    preds = _predict(probe, test_tokens)
+    accuracy = float((preds == y_test).float().mean())
+    val_acc = None
+    if len(val_idx):
+        val_acc = float((_predict(probe, train_tokens[val_idx]) == y_all[val_idx]).float().mean())
+    result = ProbeResult(
+        accuracy=accuracy,
+        predictions=preds,
+        best_base_lr=cfg.base_lr,
+        best_lr=lr,
+        val_accuracy=val_acc,
+        config={**asdict(cfg), "num_heads": probe.num_heads, "num_train": len(tr_idx)},
+    )
+    result.model = probe  # for inspection (tests); not serialised
+    return result

@@ -1,0 +1,282 @@
+"""Full and partial fine-tuning (SPEC §6).
+
+Classifier: encoder -> mean of the patch tokens -> fresh LayerNorm -> Linear. AdamW with layer-wise lr
+decay: a parameter at depth `layer_id` (encoder.layer_id: 0 = embeddings, i + 1 = blocks.i, depth + 1 =
+final norm and the head) gets lr * decay^(depth + 1 - layer_id). Drop-path comes from the encoder (build it
+with drop_path_rate), Mixup/CutMix and soft-target cross-entropy from timm, RandAugment from torchvision,
+label smoothing through timm's Mixup (or plain cross-entropy's label_smoothing when mixing is off).
+
+Partial fine-tuning: `blocks=k` trains only the last k encoder blocks and the head (fc_norm + Linear);
+k = 0 is a linear probe on mean-pooled tokens (with a LayerNorm), k >= depth (or None) is full fine-tuning,
+in which the embeddings and the encoder's final norm train too. Frozen modules stay in eval mode, so
+their drop-path and any BatchNorm statistics never change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import get_encoder
+
+
+class FinetuneClassifier(nn.Module):
+    """images [B, C, H, W] -> logits [B, num_classes]: mean-pooled patch tokens, fresh LayerNorm, Linear."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, head_init_std: float = 0.01):
+        super().__init__()
+        self.encoder = get_encoder(encoder)
+        # Parameters built frozen (the fixed sin-cos pos_embed) are never made trainable.
+        self.fixed_parameters = {
+            f"encoder.{n}" for n, p in self.encoder.named_parameters() if not p.requires_grad
+        }
+        dim = self.encoder.embed_dim
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(images)  # [B, P + L, D]
+        return tokens[:, getattr(self.encoder, "num_prefix_tokens", 0) :].mean(dim=1)  # [B, D]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc_norm(self.forward_features(images)))  # [B, num_classes]
+
+
+def layer_decay_param_groups(
+    model: FinetuneClassifier, weight_decay: float = 0.05, layer_decay: float = 0.75
+) -> list[dict]:
+    """Parameter groups of the trainable parameters, each with `lr_scale`, `weight_decay` and `layer_id`.
+
+    lr_scale = layer_decay ** (num_layers + 1 - layer_id); the head (fc_norm, head) is at num_layers + 1.
+    No weight decay on 1-D parameters (biases, norms) and on the encoder's `no_weight_decay()` names.
+    """
+    encoder = model.encoder
+    depth = encoder.num_layers
+    skip = set(encoder.no_weight_decay()) if hasattr(encoder, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("encoder."):
+            sub = name[len("encoder.") :]
+            layer_id = encoder.layer_id(sub)
+            decay = p.ndim > 1 and sub not in skip and sub.split(".")[0] not in skip
+        else:
+            layer_id = depth + 1
+            decay = p.ndim > 1
+        key = (layer_id, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "layer_id": layer_id,
+                "lr_scale": layer_decay ** (depth + 1 - layer_id),
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def set_trainable_blocks(model: FinetuneClassifier, blocks: int | None) -> list[str]:
+    """Freeze everything but the last `blocks` encoder blocks and the head; None or >= depth: train all.
+
+    Returns the names of the trainable parameters.
+    """
+    encoder = model.encoder
+    depth = encoder.num_layers
+    if blocks is not None and blocks < 0:
+        raise ValueError(f"blocks must be >= 0 (0 = linear probe, {depth} = full fine-tuning), got {blocks}")
+    full = blocks is None or blocks >= depth
+    for p in model.parameters():
+        p.requires_grad_(full)
+    if not full:
+        for block in list(encoder.blocks)[depth - blocks :]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        for p in (*model.fc_norm.parameters(), *model.head.parameters()):
+            p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if name in model.fixed_parameters:
+            p.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), then every module without a trainable parameter back to eval (frozen parts)."""
+    model.train()
+    for m in model.modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    base_lr: float = 1e-3  # lr = base_lr * batch / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    warmup_epochs: int = 1
+    drop_path_rate: float = 0.1  # applied when the model is built (see load_model)
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    randaug: bool = True
+    randaug_num_ops: int = 2
+    randaug_magnitude: int = 9
+    blocks: int | None = None  # partial fine-tuning: last k blocks; None = full
+    clip_grad: float | None = None
+    max_minutes: float | None = None  # stop early (schedule unchanged) after this much training time
+    num_workers: int = 0
+    seed: int = 0
+
+
+def finetune_transform(
+    img_size, in_chans: int, mean: Sequence[float], std: Sequence[float], cfg: FinetuneConfig
+):
+    """RandomResizedCrop(0.25-1) + flip + torchvision RandAugment on PIL images -> normalised [C, H, W]."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from ..data.transforms import ConvertMode
+    from ..layers import to_2tuple
+
+    ops = [
+        ConvertMode(in_chans),
+        v2.RandomResizedCrop(
+            to_2tuple(img_size), scale=(0.25, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+    ]
+    if cfg.randaug:
+        ops.append(v2.RandAugment(num_ops=cfg.randaug_num_ops, magnitude=cfg.randaug_magnitude))
+    ops += [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ]
+    return v2.Compose(ops)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions [N], labels [N]) with the model in eval mode."""
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        images, y = batch[0], batch[-1]
+        preds.append(model(images.to(device)).argmax(-1).cpu())
+        labels.append(torch.as_tensor(y).long())
+    return torch.cat(preds), torch.cat(labels)
+
+
+def finetune(
+    model: FinetuneClassifier,
+    train_data: torch.utils.data.Dataset,
+    test_data: torch.utils.data.Dataset,
+    num_classes: int,
+    config: FinetuneConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Fine-tune `model` on `train_data` (items (image [C, H, W], label), augmented already) and evaluate
+    on `test_data`. Returns {"predictions", "labels", "history", "trainable", "config", "seconds"}."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    cfg = config or FinetuneConfig()
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    trainable = set_trainable_blocks(model, cfg.blocks)
+    model.to(device)
+    groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    batch = cfg.batch_size - cfg.batch_size % 2  # Mixup pairs samples: even batches
+    if batch < 2 or len(train_data) < batch:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} needs at least that many training images (have {len(train_data)})"
+        )
+    lr = cfg.base_lr * batch / 256
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.num_workers, generator=gen
+    )
+    test_loader = torch.utils.data.DataLoader(test_data, batch_size=256, num_workers=cfg.num_workers)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    mixup = (
+        Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            label_smoothing=cfg.label_smoothing,
+            num_classes=num_classes,
+        )
+        if mixing
+        else None
+    )
+    soft_ce = SoftTargetCrossEntropy()
+    total = cfg.epochs * len(loader)
+    warmup = cfg.warmup_epochs * len(loader)
+    history, step, start = [], 0, time.perf_counter()
+    stopped_early = False
+    for epoch in range(cfg.epochs):
+        train_mode(model)
+        losses = []
+        batches = loader
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(loader, desc=f"finetune epoch {epoch}", leave=False, dynamic_ncols=True)
+        for images, *_, labels in batches:
+            if step < warmup:
+                cur = lr * step / warmup
+            else:
+                t = (step - warmup) / max(1, total - warmup)
+                cur = cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+            for g in opt.param_groups:
+                g["lr"] = cur * g["lr_scale"]
+            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+            if mixup is not None:
+                images, targets = mixup(images, labels)  # targets [B, C] soft
+                loss = soft_ce(model(images), targets)
+            else:
+                loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite fine-tuning loss {loss.item()} at step {step}; lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
+                stopped_early = True
+                break
+        history.append({"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "steps": step})
+        log(f"finetune epoch {epoch}: loss {history[-1]['loss']:.4f}")
+        if stopped_early:
+            log(f"finetune: time budget of {cfg.max_minutes} min reached after {step} steps")
+            break
+    preds, labels = predict(model, test_loader, device)
+    return {
+        "predictions": preds,
+        "labels": labels,
+        "history": history,
+        "trainable": trainable,
+        "config": {**asdict(cfg), "lr": lr, "effective_batch_size": batch, "stopped_early": stopped_early},
+        "seconds": time.perf_counter() - start,
+    }
