@@ -1,0 +1,96 @@
+"""`mimkit finetune --checkpoint run/checkpoint.pt --data fashion_mnist [--blocks k] --out DIR`"""
+
+from __future__ import annotations
+
+import argparse
+
+from .probe import add_data_args, add_model_args, data_spec, default_out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune an encoder with a classification head (full, or only the last k blocks)",
+        description="Fine-tuning (SPEC §6): mean-pooled tokens + fresh LayerNorm + Linear head; AdamW with "
+        "layer-wise lr decay, drop-path, Mixup/CutMix, RandAugment, label smoothing. --blocks k trains only the "
+        "last k blocks and the head (k = 0: a linear probe on pooled tokens). Writes result.json, result.txt, "
+        "result_confusion.png and the fine-tuned classifier weights into --out.",
+    )
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/finetune[_blocksK])")
+    p.add_argument(
+        "--blocks", type=int, help="partial fine-tuning: train only the last k blocks (default: all)"
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="base lr; lr = base * batch / 256")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.75)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--no-randaug", action="store_true")
+    p.add_argument("--clip-grad", type=float)
+    p.add_argument(
+        "--max-minutes", type=float, help="stop training after this many minutes (schedule unchanged)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run, batch_size=64)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..data import build_dataset, default_mean_std
+    from ..engine.checkpoint import atomic_save
+    from ..eval.finetune import FinetuneClassifier, FinetuneConfig, finetune, finetune_transform
+    from ..eval.pipeline import Transformed, eval_datasets, load_eval_model, model_geometry
+    from ..eval.report import classification_metrics, write_results
+
+    cfg = FinetuneConfig(
+        epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr, weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, drop_path_rate=args.drop_path,
+        mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing, randaug=not args.no_randaug,
+        blocks=args.blocks, clip_grad=args.clip_grad, max_minutes=args.max_minutes, num_workers=args.num_workers,
+        seed=args.seed,
+    )  # fmt: skip
+    model, model_key = load_eval_model(
+        args.checkpoint, args.random_init, drop_path_rate=cfg.drop_path_rate, seed=args.seed
+    )
+    spec = data_spec(args)
+    _, test, names, num_classes = eval_datasets(model, spec)  # test split: deterministic eval transform
+    img_size, in_chans = model_geometry(model)
+    mean, std = default_mean_std(spec.source, in_chans)
+    train_base = build_dataset(
+        spec.source, spec.path, split=spec.train_split, num_samples=spec.max_train, img_size=img_size,
+        in_chans=in_chans, seed=spec.seed,
+    )  # fmt: skip
+    train = Transformed(train_base, finetune_transform(img_size, in_chans, mean, std, cfg))
+    classifier = FinetuneClassifier(model, num_classes)
+    out_dir = default_out(args, "finetune" if args.blocks is None else f"finetune_blocks{args.blocks}")
+    res = finetune(
+        classifier, train, test, num_classes, cfg, device=args.device, progress=not args.no_progress
+    )
+    metrics = classification_metrics(res["predictions"], res["labels"], num_classes, names)
+    result = {
+        "protocol": "finetune" if args.blocks is None else f"partial finetune (last {args.blocks} blocks)",
+        "model": model_key.get("model"),
+        "model_key": model_key,
+        "data": dataclasses.asdict(spec),
+        "num_train": len(train),
+        **metrics,
+        "history": res["history"],
+        "trainable_parameters": sum(p.numel() for p in classifier.parameters() if p.requires_grad),
+        "config": res["config"],
+        "seconds": res["seconds"],
+    }
+    paths = write_results(result, out_dir)
+    atomic_save({"format": "mimkit-classifier/1", "model_key": str(model_key), "model": classifier.state_dict()},
+                out_dir / "classifier.pt")  # fmt: skip
+    print(paths["summary"].read_text(), end="")
+    print(
+        f"[mimkit] wrote {paths['json']}, {paths['summary']}, {paths['confusion']} and {out_dir / 'classifier.pt'}"
+    )
+    return 0

@@ -1,0 +1,135 @@
+"""`mimkit probe knn|linear|attentive --checkpoint run/checkpoint.pt --data fashion_mnist --out DIR`"""
+
+from __future__ import annotations
+
+import argparse
+
+QUICK_TRAIN, QUICK_TEST = 2000, 500
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", default="fashion_mnist", help="data source: fashion_mnist, folder, synthetic, cifar10"
+    )
+    p.add_argument(
+        "--data-path", help="folder of the data (for 'folder': class subfolders, optionally train/ test/)"
+    )
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--max-train", type=int, help="use a random subset of this many training images")
+    p.add_argument("--max-test", type=int, help="use a random subset of this many test images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="a mimkit checkpoint (from `mimkit pretrain` or `mimkit import`)")
+    p.add_argument(
+        "--random-init",
+        nargs="?",
+        const="",
+        metavar="MODEL_NAME",
+        help="evaluate a randomly initialised model: a preset name (see mimkit.list_models()), or with no "
+        "name the --checkpoint's architecture (the baseline a pretrained encoder must beat)",
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="evaluate a frozen encoder: kNN, linear probe or attentive probe",
+        description="Frozen-encoder evaluation. Features are computed once and cached in --cache-dir; the "
+        "linear probe trains many learning rates at once and reports the one chosen on held-out training data. "
+        "Writes result.json, result.txt and result_confusion.png into --out.",
+    )
+    p.add_argument("protocol", choices=["knn", "linear", "attentive"])
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/probe_<protocol>)")
+    p.add_argument(
+        "--cache-dir", help="feature cache folder (default: <out>/../feature_cache); 'none' disables"
+    )
+    p.add_argument("--pool", default="auto", choices=["auto", "cls", "mean"], help="auto: class token if any")
+    p.add_argument(
+        "--bf16", action="store_true", help="extract features under bfloat16 autocast (faster on CPU)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a fast check: {QUICK_TRAIN} training and {QUICK_TEST} test images (unless --max-* say otherwise), bf16",
+    )
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    p.add_argument("--epochs", type=int, help="probe training epochs (linear 30, attentive 20)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="linear probe optimizer")
+    p.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        help="linear probe base lrs trained together (lr = base * batch / 256)",
+    )
+    p.add_argument("--lr", type=float, help="attentive probe base lr (default 1e-3)")
+    p.add_argument("--heads", type=int, help="attentive probe heads (default: the encoder's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def data_spec(args: argparse.Namespace):
+    from ..eval.pipeline import DataSpec
+
+    max_train, max_test = args.max_train, args.max_test
+    if getattr(args, "quick", False):
+        max_train, max_test = max_train or QUICK_TRAIN, max_test or QUICK_TEST
+    return DataSpec(
+        source=args.data, path=args.data_path, train_split=args.train_split, test_split=args.test_split,
+        max_train=max_train, max_test=max_test, seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers,
+    )  # fmt: skip
+
+
+def default_out(args: argparse.Namespace, name: str):
+    from pathlib import Path
+
+    if args.out:
+        return Path(args.out)
+    base = Path(args.checkpoint).parent if args.checkpoint else Path("eval")
+    return base / (name + ("_random_init" if args.random_init is not None else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..eval.attentive import AttentiveProbeConfig
+    from ..eval.linear import LinearProbeConfig
+    from ..eval.pipeline import load_eval_model, run_probe
+    from ..eval.report import write_results
+
+    model, model_key = load_eval_model(args.checkpoint, args.random_init, seed=args.seed)
+    out = default_out(args, f"probe_{args.protocol}")
+    cache = None if args.cache_dir == "none" else Path(args.cache_dir or out.parent / "feature_cache")
+    linear = LinearProbeConfig(optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size)
+    if args.epochs:
+        linear.epochs = args.epochs
+    if args.lrs:
+        linear.base_lrs = tuple(args.lrs)
+    attentive = AttentiveProbeConfig(num_heads=args.heads, seed=args.seed, batch_size=args.batch_size)
+    if args.epochs:
+        attentive.epochs = args.epochs
+    if args.lr:
+        attentive.base_lr = args.lr
+    result = run_probe(
+        args.protocol, model, data_spec(args), model_key, cache, pool=args.pool, bf16=args.bf16 or args.quick,
+        device=args.device, k=args.k, temperature=args.temperature, linear=linear, attentive=attentive,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    paths = write_results(result, out)
+    print(paths["summary"].read_text(), end="")
+    print(f"[mimkit] wrote {paths['json']}, {paths['summary']} and {paths['confusion']}")
+    return 0
