@@ -114,3 +114,22 @@ def test_bench_worker_runs_a_train_step(impl):
     assert res["flops_per_image"] == mae_flops_per_image(
         mimkit.registry.model_config("mae_vit_tiny_patch4_32")
     )
+
+
+def test_fused_attention_fp32_is_sdpa_and_bf16_cpu_matches_reference():
+    from mimkit.layers import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16) for _ in range(3))
+    # fp32 keeps the SDPA kernel bit for bit (parity tests rely on these numerics).
+    assert torch.equal(attend(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    # bf16 on CPU takes the batched-matmul path: close to the fp32 reference, gradients too.
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = attend(qb, kb, vb)
+    assert out.dtype == torch.bfloat16
+    ref = attend(q, k, v, fused=False)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    qr = q.clone().requires_grad_()
+    attend(qr, k, v, fused=False).square().sum().backward()
+    torch.testing.assert_close(qb.grad.float(), qr.grad, atol=6e-2, rtol=6e-2)

@@ -71,8 +71,12 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_worker(impl: str, model_name: str, batch_size: int, dtype: str, warmup: int, steps: int) -> dict:
+def run_worker(
+    impl: str, model_name: str, batch_size: int, dtype: str, warmup: int, steps: int, threads: int = 0
+) -> dict:
     """Build one model and time `steps` AdamW train steps after `warmup`; returns a JSON-able dict."""
+    if threads:
+        torch.set_num_threads(threads)
     import transformers  # noqa: F401  (imported on both sides so the RSS baselines match)
 
     import mimkit
@@ -122,8 +126,10 @@ def run_worker(impl: str, model_name: str, batch_size: int, dtype: str, warmup: 
     }
 
 
-def _spawn(impl: str, model_name: str, batch_size: int, dtype: str, warmup: int, steps: int) -> dict:
-    worker = ["--worker", impl, model_name, str(batch_size), dtype, str(warmup), str(steps)]
+def _spawn(
+    impl: str, model_name: str, batch_size: int, dtype: str, warmup: int, steps: int, threads: int
+) -> dict:
+    worker = ["--worker", impl, model_name, str(batch_size), dtype, str(warmup), str(steps), str(threads)]
     cmd = [sys.executable, "-m", "mimkit.commands.bench", *worker]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -138,10 +144,13 @@ def run_benchmark(
     warmup: int = 1,
     steps: int = 3,
     progress=None,
+    threads: int = 0,
 ) -> dict:
     """Alternate mimkit and the peer over `rounds` for every config x dtype; medians, ratios and MFU."""
     from ..engine.perf import measure_matmul_ceiling
 
+    if threads:
+        torch.set_num_threads(threads)
     ceiling = {
         "fp32": measure_matmul_ceiling(torch.float32),
         "bf16": measure_matmul_ceiling(torch.bfloat16),
@@ -165,7 +174,7 @@ def run_benchmark(
             for r in range(rounds):
                 order = IMPLS if r % 2 == 0 else IMPLS[::-1]
                 for impl in order:
-                    res = _spawn(impl, model_name, batch_size, dtype, warmup, steps)
+                    res = _spawn(impl, model_name, batch_size, dtype, warmup, steps, threads)
                     runs[impl].append(res)
                     if progress:
                         progress(f"{name} {dtype} round {r}: {impl} {res['img_per_s']:.2f} img/s")
@@ -200,6 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per config (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (median step time)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -209,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    report = run_benchmark(args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress)
+    report = run_benchmark(
+        args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress, args.threads
+    )
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -231,9 +243,9 @@ def register(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "--worker":
-        impl, model_name, bs, dtype, warmup, steps = sys.argv[2:]
-        print(json.dumps(run_worker(impl, model_name, int(bs), dtype, int(warmup), int(steps))))
+    if len(sys.argv) == 9 and sys.argv[1] == "--worker":
+        impl, model_name, bs, dtype, warmup, steps, threads = sys.argv[2:]
+        print(json.dumps(run_worker(impl, model_name, int(bs), dtype, int(warmup), int(steps), int(threads))))
     else:
         parser = argparse.ArgumentParser(prog="python -m mimkit.commands.bench")
         add_arguments(parser)
