@@ -1,0 +1,260 @@
+"""Quality per CPU budget on Fashion-MNIST: pretrain each method's tiny preset for a fixed number of minutes,
+then kNN, linear and attentive probes, against raw pixels and the same encoder at random init.
+
+    python benchmarks/quality.py --minutes 20                       # every *_tiny_* preset
+    python benchmarks/quality.py --minutes 3 --models mae_vit_tiny_patch4_32 --max-train 5000 --max-test 2000
+
+Pretraining sees the Fashion-MNIST train split without labels (the trainer of mimkit.engine, the
+preset with in_chans=1, a short warmup and a cosine schedule fitted to the step count the budget allows).
+Probes train on labelled features of a seeded subset of the train split (--max-train) and report top-1
+on a seeded subset of the test split (--max-test). Writes into --out: quality.json, quality.md (the
+table) and quality.png (bar chart); pretraining runs and the feature cache stay in --out for re-use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mimkit import list_models, model_config
+from mimkit.eval.attentive import AttentiveProbeConfig
+from mimkit.eval.knn import knn_classify
+from mimkit.eval.linear import LinearProbeConfig, train_linear_probe
+from mimkit.eval.pipeline import DataSpec, eval_datasets, load_eval_model, run_probe
+
+PROTOCOLS = ("knn", "linear", "attentive")
+
+
+def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace) -> dict:
+    """Pretrain `name` on the unlabelled train split for `minutes` of wall time; returns run facts."""
+    from mimkit.engine.config import config_from_dict
+    from mimkit.engine.trainer import Trainer
+
+    overrides = {"in_chans": 1} if "in_chans" in {f for f in model_config(name).__dataclass_fields__} else {}
+    cfg = config_from_dict(
+        {
+            "model": {"name": name, **overrides},
+            "data": {"source": "fashion_mnist", "split": "train", "batch_size": args.batch_size,
+                     "num_workers": args.num_workers},
+            "optim": {"base_lr": args.base_lr, "warmup_steps": 100, "weight_decay": 0.05},  # refit below
+            "train": {"max_steps": 10**9, "precision": args.precision, "output_dir": str(out_dir),
+                      "progress": False, "ckpt_every": 10**9, "log_every": 10**9, "seed": args.seed},
+        }
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        batches = trainer._batches()
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        start, wall_start = clock(), time.perf_counter()
+        budget = 60.0 * minutes
+        # Calibrate: time a few steps (after a first, warm-up one), then fit the schedule (5% warmup, then
+        # cosine) to the number of steps the budget allows. The warmup of 100 steps keeps these at a low lr.
+        losses = [trainer.train_step(batches)["loss"]]
+        t0 = clock()
+        losses += [trainer.train_step(batches)["loss"] for _ in range(3)]
+        per_step = (clock() - t0) / 3
+        total = max(10, int((budget - (clock() - start)) / per_step) + trainer.step)
+        trainer.total_steps, trainer.warmup_steps = total, max(1, total // 20)
+        while trainer.step < trainer.total_steps and clock() - start < budget:
+            losses.append(trainer.train_step(batches)["loss"])
+        seconds, wall = clock() - start, time.perf_counter() - wall_start
+        path = trainer.save()
+    finally:
+        trainer.close()
+    facts = {
+        "checkpoint": str(path),
+        "steps": trainer.step,
+        "planned_steps": total,
+        "images_seen": trainer.step * trainer.global_batch,
+        "epochs": trainer.step * trainer.global_batch / len(trainer.dataset),
+        "seconds": seconds,
+        "clock": args.clock,
+        "wall_seconds": wall,
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        "peak_lr": trainer.peak_lr,
+    }
+    print(f"[quality] {name}: {facts['steps']} steps ({facts['epochs']:.2f} epochs) in {seconds:.0f} {args.clock} s ({wall:.0f} s wall), "
+          f"loss {facts['loss_first']:.4f} -> {facts['loss_last']:.4f}", flush=True)  # fmt: skip
+    return facts
+
+
+def pixel_baselines(spec: DataSpec, reference_model, args: argparse.Namespace) -> dict:
+    """kNN and a linear probe (multinomial logistic regression on standardised pixels) on raw pixels."""
+    train, test, names, num_classes = eval_datasets(reference_model, spec)
+
+    def stack(ds):
+        loader = torch.utils.data.DataLoader(ds, batch_size=512)
+        xs, ys = zip(*[(x.flatten(1), torch.as_tensor(y)) for x, y in loader])
+        return torch.cat(xs), torch.cat(ys)  # [N, C*H*W], [N]
+
+    (x, y), (xt, yt) = stack(train), stack(test)
+    acc_knn, _ = knn_classify(x, y, xt, yt, k=20, temperature=0.07, num_classes=num_classes)
+    lin = train_linear_probe(
+        x, y, xt, yt, num_classes, LinearProbeConfig(epochs=args.linear_epochs, seed=args.seed)
+    )
+    return {
+        "knn": acc_knn,
+        "linear": lin.accuracy,
+        "linear_best_base_lr": lin.best_base_lr,
+        "dims": x.shape[1],
+    }
+
+
+def evaluate(
+    checkpoint: str, random_init: bool, spec: DataSpec, cache: Path, args: argparse.Namespace
+) -> dict:
+    model, key = load_eval_model(checkpoint, "" if random_init else None, seed=args.seed)
+    out = {}
+    for protocol in PROTOCOLS:
+        res = run_probe(
+            protocol, model, spec, key, cache, bf16=args.bf16_features, progress=False,
+            linear=LinearProbeConfig(epochs=args.linear_epochs, seed=args.seed),
+            attentive=AttentiveProbeConfig(epochs=args.attentive_epochs, seed=args.seed),
+        )  # fmt: skip
+        out[protocol] = res["accuracy"]
+        if protocol == "linear":
+            out["linear_best_base_lr"] = res["best_base_lr"]
+        print(f"[quality]   {'random init' if random_init else 'pretrained'} {protocol}: {100 * res['accuracy']:.2f}% "
+              f"({res['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return out
+
+
+def table(results: dict) -> str:
+    rows = ["| encoder | pretraining | kNN | linear | attentive |", "|---|---|---|---|---|"]
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    px = results["pixels"]
+    rows.append(f"| raw pixels ({px['dims']} dims) | none | {pct(px['knn'])} | {pct(px['linear'])} | — |")
+    for name, r in results["models"].items():
+        p = r["pretrain"]
+        rows.append(
+            f"| {name} | random init | " + " | ".join(pct(r["random_init"].get(k)) for k in PROTOCOLS) + " |"
+        )
+        rows.append(
+            f"| {name} | {p['seconds'] / 60:.1f} {p.get('clock', 'wall')}-min, {p['steps']} steps ({p['epochs']:.2f} ep) | "
+            + " | ".join(pct(r["pretrained"].get(k)) for k in PROTOCOLS)
+            + " |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def bar_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("raw pixels", results["pixels"])]
+    for name, r in results["models"].items():
+        short = name.split("_")[0]
+        series += [(f"{short} random init", r["random_init"]), (f"{short} pretrained", r["pretrained"])]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    for i, (label, vals) in enumerate(series):
+        xs = [j + i * width for j in range(len(PROTOCOLS))]
+        ys = [100 * vals[p] if vals.get(p) is not None else 0.0 for p in PROTOCOLS]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PROTOCOLS))], PROTOCOLS)
+    ax.set_ylabel("Fashion-MNIST test top-1 (%)")
+    ax.set_title(
+        f"quality per budget: {results['settings']['minutes']} {results['settings']['clock']}-minutes of pretraining per method",
+        fontsize=9,
+    )
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--minutes", type=float, default=20.0, help="pretraining budget per method, in --clock minutes"
+    )
+    p.add_argument(
+        "--clock",
+        default="cpu",
+        choices=["cpu", "wall"],
+        help="cpu: this process's CPU time over all its threads (fair on a shared machine); wall: elapsed time",
+    )
+    p.add_argument("--models", nargs="+", help="presets (default: every *_tiny_* preset registered)")
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument(
+        "--max-train", type=int, default=10000, help="labelled train images for probes / kNN memory"
+    )
+    p.add_argument("--max-test", type=int, default=10000, help="test images evaluated")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--base-lr", type=float, default=1.5e-3, help="pretraining base lr (short budgets want more)"
+    )
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--num-workers", type=int, default=0, help="0: data loading counts in the CPU budget")
+    p.add_argument("--linear-epochs", type=int, default=30)
+    p.add_argument("--attentive-epochs", type=int, default=10)
+    p.add_argument("--bf16-features", action="store_true", help="extract probe features under bf16 autocast")
+    p.add_argument("--reuse", action="store_true", help="re-use a finished pretraining run found in --out")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = args.models or list_models("*_tiny_*")
+    spec = DataSpec("fashion_mnist", max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    cache = out / "feature_cache"
+    results_path = out / "quality.json"
+    results = (
+        json.loads(results_path.read_text()) if args.reuse and results_path.is_file() else {"models": {}}
+    )
+    results["settings"] = {**vars(args), "models": models, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "machine": f"{platform.machine()} {platform.processor()}".strip(), "python": sys.version.split()[0]}  # fmt: skip
+
+    for name in models:
+        run_dir = out / name
+        prev = results["models"].get(name, {})
+        try:
+            if args.reuse and (run_dir / "checkpoint.pt").is_file() and "pretrain" in prev:
+                facts = prev["pretrain"]
+                print(f"[quality] {name}: re-using {run_dir / 'checkpoint.pt'}")
+            else:
+                facts = pretrain(name, args.minutes, run_dir, args)
+            entry = {"pretrain": facts}
+            for random_init in (False, True):
+                which = "random_init" if random_init else "pretrained"
+                entry[which] = evaluate(facts["checkpoint"], random_init, spec, cache, args)
+        except Exception as err:  # one broken method must not lose the others' figures
+            print(f"[quality] {name} failed: {type(err).__name__}: {err}", flush=True)
+            results.setdefault("failed", {})[name] = f"{type(err).__name__}: {err}"
+            continue
+        results["models"][name] = entry
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    reference, _ = load_eval_model(random_init="mae_vit_tiny_patch4_32", in_chans=1)
+    results["pixels"] = pixel_baselines(spec, reference, args)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    md = table(results)
+    (out / "quality.md").write_text(md)
+    bar_chart(results, out / "quality.png")
+    print(md)
+    for name, r in results["models"].items():
+        worse = [k for k in PROTOCOLS if r["pretrained"][k] <= r["random_init"][k]]
+        below_pixels = [k for k in ("knn", "linear") if r["pretrained"][k] < results["pixels"][k]]
+        print(f"[quality] {name}: beats its random init on {len(PROTOCOLS) - len(worse)}/{len(PROTOCOLS)} probes"
+              + (f" (not on {', '.join(worse)})" if worse else "")
+              + (f"; below raw pixels on {', '.join(below_pixels)}" if below_pixels else "; at or above raw pixels"))  # fmt: skip
+    print(f"[quality] wrote {results_path}, {out / 'quality.md'} and {out / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
