@@ -16,3 +16,4 @@ class MIMOutput:
     pred: torch.Tensor
     mask: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: torch.Tensor | None = None

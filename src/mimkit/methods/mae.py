@@ -86,8 +86,10 @@ class MAE(nn.Module):
         if mask is None:
             mask = self.mask_generator(images.shape[0])
         mask = mask.to(images.device)
-        pred = self.forward_decoder(self.forward_encoder(images, mask), mask)
-        return MIMOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+        latent = self.forward_encoder(images, mask)  # [B, 1 + keep, D]
+        pred = self.forward_decoder(latent, mask)  # [B, L, p*p*C]
+        loss = self.forward_loss(images, pred, mask)
+        return MIMOutput(loss=loss, pred=pred, mask=mask, features=latent[:, 0])
 
 
 def _preset(**kw) -> MAEConfig:

@@ -1,0 +1,61 @@
+"""`mimkit pretrain --config configs/X.yaml [section.key=value ...]`"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain an encoder (MAE / CAE / ConvMAE) on a folder of images or a known dataset",
+        description="Pretrain with a YAML recipe; any key can be overridden as section.key=value, e.g. "
+        "`mimkit pretrain --config configs/mae_tiny_fmnist.yaml train.max_steps=200 data.batch_size=128`. "
+        "Launch under torchrun for several processes/GPUs/nodes.",
+    )
+    p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are used for what it omits")
+    p.add_argument("--output-dir", help="run directory (train.output_dir)")
+    p.add_argument("--resume", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pt")
+    p.add_argument("--no-pictures", action="store_true", help="skip the loss curve and reconstruction PNGs")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.config import load_config
+    from ..engine.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    try:
+        stats = trainer.fit()
+        if trainer.dist.is_main and not args.no_pictures:
+            write_pictures(trainer)
+        if trainer.dist.is_main:
+            print(f"[mimkit] done: final loss {stats.get('loss', float('nan')):.4f}; outputs in {trainer.out_dir}")
+    finally:
+        trainer.close()
+    return 0
+
+
+def write_pictures(trainer) -> None:
+    """loss_curve.png from metrics.jsonl and reconstructions.png on held-out images."""
+    from ..viz import plot_loss_curve
+    from .visualize import visualize_model
+
+    out = trainer.out_dir
+    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+    c = trainer.cfg.data
+    try:
+        path = visualize_model(
+            trainer.model, c.source, c.path, out / "reconstructions.png", mean=c.mean, std=c.std,
+            seed=trainer.cfg.train.seed,
+        )  # fmt: skip
+        print(f"[mimkit] wrote {out / 'loss_curve.png'} and {path}")
+    except ValueError as e:  # e.g. token targets have no pixel picture
+        print(f"[mimkit] no reconstruction picture: {e}")

@@ -1,0 +1,189 @@
+"""The trainer: exact resume, DDP == accumulation, the non-finite guard, configs, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.engine.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
+from mimkit.engine.config import load_config
+from mimkit.engine.optim import cosine_lr, param_groups
+from mimkit.engine.trainer import NonFiniteLossError, Trainer
+
+MICRO = [
+    "model.name=mae_vit_tiny_patch4_32", "model.img_size=16", "model.embed_dim=32", "model.depth=2",
+    "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+    "data.source=synthetic", "data.num_samples=64", "data.num_workers=0", "train.precision=fp32",
+    "optim.base_lr=1e-2", "optim.warmup_steps=2", "train.log_every=1", "train.progress=false",
+]  # fmt: skip
+
+
+def run_trainer(tmp: Path, *overrides: str) -> Trainer:
+    cfg = load_config(None, MICRO + [f"train.output_dir={tmp}", *overrides])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
+def final_weights(trainer_or_path) -> dict[str, torch.Tensor]:
+    if isinstance(trainer_or_path, Trainer):
+        return {k: v.clone() for k, v in trainer_or_path.model.state_dict().items()}
+    return load_checkpoint(trainer_or_path)["model"]
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"{k} differs")
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = run_trainer(tmp_path / "full", "train.max_steps=6", "data.batch_size=8")
+    # 3 steps, stop; then resume to 6 with the same schedule (max_steps fixes the schedule length).
+    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'part'}", "train.max_steps=6",
+                                                "data.batch_size=8"]))  # fmt: skip
+    batches = part._batches()
+    for _ in range(3):
+        part.train_step(batches)
+    part.save()
+    resumed = run_trainer(tmp_path / "part", "train.max_steps=6", "data.batch_size=8", "train.resume=auto")
+    assert resumed.step == 6
+    assert_same(final_weights(full), final_weights(resumed))
+    # and the run crossed an epoch boundary mid-way (64 samples / 8 = 8 micro-batches per epoch): not trivial
+    assert full.micro_done == 6
+
+
+def test_resume_mid_epoch_with_accumulation_crosses_epochs(tmp_path):
+    args = ("train.max_steps=5", "data.batch_size=8", "optim.accum_steps=3")  # 15 micro-batches > 1 epoch
+    full = run_trainer(tmp_path / "full", *args)
+    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'part'}", *args]))
+    batches = part._batches()
+    for _ in range(2):
+        part.train_step(batches)
+    part.save()
+    resumed = run_trainer(tmp_path / "part", *args, "train.resume=auto")
+    assert_same(final_weights(full), final_weights(resumed))
+
+
+def test_checkpoint_holds_everything_needed_and_loads_weights_only(tmp_path):
+    trainer = run_trainer(tmp_path, "train.max_steps=2", "data.batch_size=8")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    for key in ("model", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "config", "model_config"):
+        assert key in ckpt
+    assert ckpt["step"] == 2 and ckpt["config"]["data"]["batch_size"] == 8
+    model = model_from_checkpoint(tmp_path / "checkpoint.pt")
+    assert_same(model.state_dict(), trainer.model.state_dict())
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "encoder.safetensors").exists()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"img_per_sec"' in lines[0]
+
+
+def test_exported_encoder_safetensors_matches_model(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = run_trainer(tmp_path, "train.max_steps=1", "data.batch_size=8")
+    exported = load_file(tmp_path / "encoder.safetensors")
+    assert_same(exported, trainer.model.encoder.state_dict())
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"a": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    cfg = load_config(None, MICRO + [f"train.output_dir={tmp_path}", "train.max_steps=3", "data.batch_size=8"])
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.decoder_pred.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="Lower optim.base_lr"):
+        trainer.fit()
+
+
+def test_lr_schedule_and_weight_decay_groups():
+    assert cosine_lr(0, 100, 1.0, 10) == 0.0
+    assert cosine_lr(5, 100, 1.0, 10) == pytest.approx(0.5)
+    assert cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 1.0, 10, min_lr=0.1) == pytest.approx(0.55)
+    assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
+    import mimkit
+
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", depth=1, decoder_depth=1)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= skipped
+    assert "encoder.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    # frozen sin-cos position embeddings are not optimised at all
+    assert "encoder.pos_embed" not in skipped | {names[id(p)] for p in decay["params"]}
+
+
+def test_lr_scales_with_global_batch(tmp_path):
+    cfg = load_config(None, MICRO + [f"train.output_dir={tmp_path}", "data.batch_size=8", "optim.accum_steps=4",
+                                      "optim.base_lr=1e-3"])  # fmt: skip
+    assert Trainer(cfg).peak_lr == pytest.approx(1e-3 * 32 / 256)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=1", "unknown key"),
+        ("model.depht=3", "has no option"),
+        ("model.name=mae_vit_bsae_patch16_224", "did you mean"),
+        ("train.precision=fp16", "bf16"),
+        ("data.source=imagenet", "valid sources"),
+    ],
+)
+def test_bad_config_gets_a_clear_error(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path}", override]))
+
+
+def test_run_survives_a_folder_with_corrupt_files(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(20):
+        Image.new("RGB", (20 + i, 17), color=(i * 10, 50, 200 - i * 5)).save(root / f"ok{i}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "notes.png").write_text("this is text")
+    with pytest.warns(RuntimeWarning):
+        trainer = run_trainer(tmp_path / "run", "data.source=folder", f"data.path={root}", "data.num_samples=null",
+                              "data.batch_size=4", "train.max_steps=6", "model.in_chans=3")  # fmt: skip
+    assert trainer.step == 6
+    assert trainer.dataset.num_bad == 2
+
+
+def _torchrun(tmp: Path, nproc: int, *overrides: str) -> Path:
+    out = tmp / f"np{nproc}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           "-m", "mimkit", "pretrain", "--no-pictures", *MICRO, f"train.output_dir={out}", *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "checkpoint.pt"
+
+
+def test_two_processes_match_one_process_with_accumulation(tmp_path):
+    """torchrun, 2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8."""
+    two = _torchrun(tmp_path, 2, "data.batch_size=8", "train.max_steps=4")
+    one = _torchrun(tmp_path, 1, "data.batch_size=8", "optim.accum_steps=2", "train.max_steps=4")
+    a, b = final_weights(one), final_weights(two)
+    assert_same(a, b, atol=2e-6)
+    init = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'x'}"])).model.state_dict()
+    assert not torch.allclose(a["decoder_pred.weight"], init["decoder_pred.weight"])  # it did train
