@@ -103,17 +103,16 @@ def test_peer_config_is_equivalent():
     assert peer.config.layer_norm_eps == 1e-6 and peer.config.norm_pix_loss and peer.config.mask_ratio == 0.75
 
 
-@pytest.mark.parametrize("impl", ["mimkit", "peer"])
-def test_bench_worker_runs_a_train_step(impl):
+@pytest.mark.slow
+def test_bench_workers_time_both_and_measure_memory():
     pytest.importorskip("transformers")
-    from mimkit.commands.bench import run_worker
+    from mimkit.commands.bench import memory_worker, time_worker
 
-    res = run_worker(impl, "mae_vit_tiny_patch4_32", 4, "bf16", warmup=0, steps=1)
-    assert res["img_per_s"] > 0 and len(res["step_s"]) == 1
-    assert res["peak_rss_mb"] >= res["baseline_rss_mb"]
-    assert res["flops_per_image"] == mae_flops_per_image(
-        mimkit.registry.model_config("mae_vit_tiny_patch4_32")
-    )
+    res = time_worker("mae_vit_tiny_patch4_32", 4, "bf16", rounds=2, warmup=0, steps=1)
+    assert set(res["step_s_rounds"]) == {"mimkit", "peer"}
+    assert all(len(v) == 2 and min(v) > 0 for v in res["step_s_rounds"].values())
+    mem = memory_worker("mae_vit_tiny_patch4_32", 4, "fp32", "peer")
+    assert mem["peak_rss_mb"] >= mem["baseline_rss_mb"] > 0
 
 
 def test_fused_attention_fp32_is_sdpa_and_bf16_cpu_matches_reference():

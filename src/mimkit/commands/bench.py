@@ -1,11 +1,15 @@
 """`mimkit bench`: train-step throughput of mimkit MAE against Hugging Face ViTMAE, alternating, as JSON.
 
-Each measurement (one implementation, one config, one round) runs in a fresh subprocess, so its peak
-memory is an honest resident-set high-water mark (`ru_maxrss`) of that run alone: model, AdamW state,
-activations and autograd buffers. The subprocess also records its RSS just before building the model
-(interpreter + torch + transformers imported, identical for both sides); `peak_rss_delta_mb` is the
-difference, the memory the training step itself needed. Rounds alternate the order (mimkit, peer, peer,
-mimkit, ...) so slow drifts of a shared machine hit both sides alike; the report gives medians over rounds.
+Speed: for each config x dtype, one fresh subprocess builds both models (same seed, same synthetic batch,
+AdamW on both) and alternates them in blocks of `--steps` train steps (forward + backward + optimizer
+step) per round, in ABBA order (mimkit, peer, peer, mimkit, ...), so load drifts of a shared machine hit
+both alike; the report gives the median over rounds of each round's median step, the ratio of those, and
+the median of per-round ratios.
+
+Memory: each implementation then runs alone in its own fresh subprocess (3 steps); its peak memory is the
+resident-set high-water mark (`ru_maxrss`): model, AdamW state, activations, autograd buffers. The process
+records its RSS before building the model (interpreter + torch + transformers, identical on both sides);
+`peak_rss_delta_mb` is the difference, the memory training itself needed, and `memory_ratio` compares it.
 """
 
 from __future__ import annotations
@@ -71,70 +75,87 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_worker(
-    impl: str, model_name: str, batch_size: int, dtype: str, warmup: int, steps: int, threads: int = 0
-) -> dict:
-    """Build one model and time `steps` AdamW train steps after `warmup`; returns a JSON-able dict."""
-    if threads:
-        torch.set_num_threads(threads)
-    import transformers  # noqa: F401  (imported on both sides so the RSS baselines match)
+class _Runner:
+    """One implementation's model, optimizer and a fixed synthetic batch; `step()` times one train step."""
 
-    import mimkit
+    def __init__(self, impl: str, model_name: str, batch_size: int, dtype: str, adamw: str = "default"):
+        import mimkit
 
-    from ..engine.perf import model_flops_per_image
+        self.impl, self.batch_size, self.bf16 = impl, batch_size, dtype == "bf16"
+        torch.manual_seed(0)
+        model = mimkit.create_model(model_name)
+        self.config = c = model.config
+        if impl == "peer":
+            from transformers import ViTMAEForPreTraining
 
-    torch.manual_seed(0)
-    baseline_rss = _rss_mb()
-    model = mimkit.create_model(model_name)
-    flops = model_flops_per_image(model)
-    config = model.config
-    if impl == "peer":
-        from transformers import ViTMAEForPreTraining
+            model = ViTMAEForPreTraining(hf_config(c))
+        elif impl != "mimkit":
+            raise ValueError(f"unknown implementation {impl!r}")
+        self.model = model.train()
+        kw = {"fused": True} if adamw == "fused" else {}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kw)
+        size = c.img_size if isinstance(c.img_size, int) else c.img_size[0]
+        self.images = torch.randn(batch_size, c.in_chans, size, size)
 
-        model = ViTMAEForPreTraining(hf_config(config))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    h = w = config.img_size if isinstance(config.img_size, int) else config.img_size[0]
-    images = torch.randn(batch_size, config.in_chans, h, w)
-    use_bf16 = dtype == "bf16"
-
-    def step() -> float:
+    def step(self) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(images).loss if impl == "mimkit" else model(pixel_values=images).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            if self.impl == "mimkit":
+                loss = self.model(self.images).loss
+            else:
+                loss = self.model(pixel_values=self.images).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{impl} produced a non-finite loss")
+            raise FloatingPointError(f"{self.impl} produced a non-finite loss")
         return time.perf_counter() - start
 
-    for _ in range(warmup):
-        step()
-    times = [step() for _ in range(steps)]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    median = statistics.median(times)
-    return {
-        "impl": impl,
-        "step_s": times,
-        "img_per_s": batch_size / median,
-        "peak_rss_mb": peak_mb,
-        "baseline_rss_mb": baseline_rss,
-        "peak_rss_delta_mb": peak_mb - baseline_rss,
-        "flops_per_image": flops,
-        "threads": torch.get_num_threads(),
-    }
 
-
-def _spawn(
-    impl: str, model_name: str, batch_size: int, dtype: str, warmup: int, steps: int, threads: int
+def time_worker(
+    model_name: str, batch_size: int, dtype: str, rounds: int, warmup: int, steps: int, adamw: str = "default"
 ) -> dict:
-    worker = ["--worker", impl, model_name, str(batch_size), dtype, str(warmup), str(steps), str(threads)]
-    cmd = [sys.executable, "-m", "mimkit.commands.bench", *worker]
+    """Both implementations in one process, alternating in blocks of `steps` steps (ABBA order) per round,
+    so machine-load drifts hit both alike. Returns per-round median step times."""
+    runners = {impl: _Runner(impl, model_name, batch_size, dtype, adamw) for impl in IMPLS}
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.step()
+    step_s: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for r in range(rounds):
+        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:
+            step_s[impl].append(statistics.median(runners[impl].step() for _ in range(steps)))
+    return {"step_s_rounds": step_s}
+
+
+def memory_worker(model_name: str, batch_size: int, dtype: str, impl: str, adamw: str = "default") -> dict:
+    """Peak RSS of `impl` alone in this fresh process: a warm-up step and two measured steps."""
+    import transformers  # noqa: F401  (imported on both sides so the RSS baselines match)
+
+    import mimkit  # noqa: F401
+
+    baseline = _rss_mb()
+    runner = _Runner(impl, model_name, batch_size, dtype, adamw)
+    for _ in range(3):
+        runner.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_rss_mb": peak, "baseline_rss_mb": baseline, "peak_rss_delta_mb": peak - baseline}
+
+
+def _spawn(*worker_args: object, threads: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "mimkit.commands.bench", "--worker", json.dumps([threads, *worker_args])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker_main(spec: str) -> None:
+    threads, kind, *args = json.loads(spec)
+    if threads:
+        torch.set_num_threads(threads)
+    fn = {"time": time_worker, "memory": memory_worker}[kind]
+    print(json.dumps(fn(*args)))
 
 
 def run_benchmark(
@@ -145,9 +166,13 @@ def run_benchmark(
     steps: int = 3,
     progress=None,
     threads: int = 0,
+    memory: bool = True,
+    adamw: str = "default",
 ) -> dict:
-    """Alternate mimkit and the peer over `rounds` for every config x dtype; medians, ratios and MFU."""
+    """Time mimkit and the peer alternating over `rounds` for every config x dtype (one process each),
+    then measure each one's peak memory in its own fresh process; medians, ratios and % of the ceiling."""
     from ..engine.perf import measure_matmul_ceiling
+    from ..registry import model_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -164,36 +189,41 @@ def run_benchmark(
             "loadavg_start": os.getloadavg(),
         },
         "matmul_ceiling_gflops": {k: v / 1e9 for k, v in ceiling.items()},
-        "settings": {"rounds": rounds, "warmup": warmup, "steps": steps},
+        "settings": {"rounds": rounds, "warmup": warmup, "steps": steps, "adamw": adamw},
         "results": {},
     }
+    from ..engine.perf import mae_flops_per_image
+
     for name in configs:
         model_name, batch_size = CONFIGS[name]
+        flops = mae_flops_per_image(model_config(model_name))
         for dtype in dtypes:
-            runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
-            for r in range(rounds):
-                order = IMPLS if r % 2 == 0 else IMPLS[::-1]
-                for impl in order:
-                    res = _spawn(impl, model_name, batch_size, dtype, warmup, steps, threads)
-                    runs[impl].append(res)
-                    if progress:
-                        progress(f"{name} {dtype} round {r}: {impl} {res['img_per_s']:.2f} img/s")
-            flops = runs["mimkit"][0]["flops_per_image"]
+            t = _spawn("time", model_name, batch_size, dtype, rounds, warmup, steps, adamw, threads=threads)
             entry: dict[str, Any] = {"model": model_name, "batch_size": batch_size, "flops_per_image": flops}
             for impl in IMPLS:
-                ips = [x["img_per_s"] for x in runs[impl]]
+                ips = [batch_size / s for s in t["step_s_rounds"][impl]]
                 med = statistics.median(ips)
                 entry[impl] = {
                     "img_per_s": med,
                     "img_per_s_rounds": ips,
                     "pct_of_ceiling": 100 * med * flops / ceiling[dtype],
-                    "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in runs[impl]),
-                    "peak_rss_delta_mb": statistics.median(x["peak_rss_delta_mb"] for x in runs[impl]),
                 }
-            per_round = [m["img_per_s"] / p["img_per_s"] for m, p in zip(runs["mimkit"], runs["peer"])]
+                if progress:
+                    progress(f"{name} {dtype} {impl}: {med:.2f} img/s (rounds {[round(x, 2) for x in ips]})")
+            mimkit_r, peer_r = (entry[impl]["img_per_s_rounds"] for impl in IMPLS)
             entry["speed_ratio"] = entry["mimkit"]["img_per_s"] / entry["peer"]["img_per_s"]
-            entry["speed_ratio_rounds"] = per_round
-            entry["memory_ratio"] = entry["mimkit"]["peak_rss_delta_mb"] / entry["peer"]["peak_rss_delta_mb"]
+            entry["speed_ratio_rounds"] = [m / p for m, p in zip(mimkit_r, peer_r)]
+            entry["speed_ratio_median_of_rounds"] = statistics.median(entry["speed_ratio_rounds"])
+            if memory:
+                for impl in IMPLS:
+                    entry[impl] |= _spawn(
+                        "memory", model_name, batch_size, dtype, impl, adamw, threads=threads
+                    )
+                entry["memory_ratio"] = (
+                    entry["mimkit"]["peak_rss_delta_mb"] / entry["peer"]["peak_rss_delta_mb"]
+                )
+                if progress:
+                    progress(f"{name} {dtype}: peak-memory ratio {entry['memory_ratio']:.2f}")
             report["results"][f"{name}_{dtype}"] = entry
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["matmul_ceiling_gflops_end"] = {
@@ -209,6 +239,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per config (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (median step time)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--adamw", choices=["default", "fused"], default="default", help="AdamW implementation (both sides)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -220,8 +254,9 @@ def run(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     report = run_benchmark(
-        args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress, args.threads
-    )
+        args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress, args.threads,
+        not args.no_memory, args.adamw,
+    )  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -243,9 +278,8 @@ def register(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 9 and sys.argv[1] == "--worker":
-        impl, model_name, bs, dtype, warmup, steps, threads = sys.argv[2:]
-        print(json.dumps(run_worker(impl, model_name, int(bs), dtype, int(warmup), int(steps), int(threads))))
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker_main(sys.argv[2])
     else:
         parser = argparse.ArgumentParser(prog="python -m mimkit.commands.bench")
         add_arguments(parser)
