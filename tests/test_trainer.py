@@ -171,7 +171,7 @@ def test_run_survives_a_folder_with_corrupt_files(tmp_path):
 
 def _torchrun(tmp: Path, nproc: int, *overrides: str) -> Path:
     out = tmp / f"np{nproc}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "mimkit", "pretrain", "--no-pictures", *MICRO, f"train.output_dir={out}", *overrides]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -184,6 +184,13 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     two = _torchrun(tmp_path, 2, "data.batch_size=8", "train.max_steps=4")
     one = _torchrun(tmp_path, 1, "data.batch_size=8", "optim.accum_steps=2", "train.max_steps=4")
     a, b = final_weights(one), final_weights(two)
+    # The key bias gets a zero gradient in exact arithmetic (softmax ignores a shift shared by all keys), so
+    # Adam turns its rounding noise into lr-sized steps that differ between reduction orders: compare the
+    # q and v thirds of qkv.bias, and every other tensor whole.
+    for key in [k for k in a if k.endswith("attn.qkv.bias")]:
+        q_a, _, v_a = a.pop(key).chunk(3)
+        q_b, _, v_b = b.pop(key).chunk(3)
+        torch.testing.assert_close(torch.cat([q_a, v_a]), torch.cat([q_b, v_b]), atol=2e-6, rtol=0)
     assert_same(a, b, atol=2e-6)
     init = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'x'}"])).model.state_dict()
     assert not torch.allclose(a["decoder_pred.weight"], init["decoder_pred.weight"])  # it did train
