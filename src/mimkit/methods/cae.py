@@ -288,7 +288,8 @@ class CAE(nn.Module):
         loss_align = F.mse_loss(latent_m.float(), target_latent.float())
         loss = loss_decode + self.config.align_weight * loss_align
         metrics = {"loss_decode": loss_decode.detach(), "loss_align": loss_align.detach(), **extra}
-        return MIMOutput(loss=loss, pred=self._full_pred(pred_m, mask), mask=mask, metrics=metrics)
+        pred = self._full_pred(pred_m, mask)
+        return MIMOutput(loss=loss, pred=pred, mask=mask, metrics=metrics, features=latent[:, 0])
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -302,6 +303,14 @@ class CAE(nn.Module):
         """
         latent_m = self.encoder.forward_features(images, ~mask)[:, 1:]  # [B, M, D]
         return self._full_pred(self.forward_decoder(latent_m, mask), mask)
+
+    @torch.no_grad()
+    def extra_reconstructions(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For `mimkit visualize`: predictions [B, L, p*p*C] decoded straight from the encoder (pixel targets
+        only; empty for token targets). The regressor path is `forward(...).pred`."""
+        if self.tokenizer is not None:
+            return {}
+        return {"encoder -> decoder": self.reconstruct_without_regressor(images, mask.to(images.device))}
 
     @torch.no_grad()
     def reconstruct_images(
