@@ -112,7 +112,9 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
-def load_full_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+def load_full_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> None:
     """Load a full (single-process layout) state dict into a sharded model; every rank passes it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -136,30 +138,42 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Gather the optimizer state as a plain `optimizer.state_dict()` (integer ids) on rank 0. Collective."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
 
-    by_name = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
-    if not by_name:
-        return {}
-    names = _param_names(model, optimizer)
-    index = {n: i for i, n in enumerate(names)}
-    state = {index[n]: v for n, v in by_name["state"].items()}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    _param_names(model, optimizer)  # checks that every parameter belongs to the model
+    main = dist.get_rank() == 0
+    plain = optimizer.state_dict()  # integer ids in param-group order; sharded tensors stay DTensors
+    state: dict[int, dict[str, Any]] = {}
+    for pid in sorted(plain["state"]):
+        entry = {}
+        for key, value in plain["state"][pid].items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()  # collective: every rank walks the same ids in the same order
+            entry[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        state[pid] = entry
+    return {"state": state, "param_groups": plain["param_groups"]} if main else {}
 
 
 def load_full_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
 ) -> None:
     """Load a plain `optimizer.state_dict()` (from any run) into the optimizer of a sharded model."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    names = _param_names(model, optimizer)
-    by_name = {
-        "state": {names[i]: v for i, v in state_dict["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state_dict["param_groups"]],
-    }
-    set_optimizer_state_dict(model, optimizer, by_name, options=_options())
+    _param_names(model, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for pid, entry in state_dict["state"].items():
+        p = params[int(pid)]
+        new = {}
+        for key, value in entry.items():
+            if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
+            elif isinstance(value, torch.Tensor):
+                value = value.clone()  # never share a tensor (e.g. `step`) with the source optimizer
+            new[key] = value
+        state[pid] = new
+    optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
 
 
 def is_sharded(model: nn.Module) -> bool:
