@@ -20,6 +20,7 @@ MICRO = [
     "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
     "data.source=synthetic", "data.num_samples=64", "data.num_workers=0", "train.precision=fp32",
     "optim.base_lr=1e-2", "optim.warmup_steps=2", "train.log_every=1", "train.progress=false",
+    "train.matmul_ceiling=1e11",
 ]  # fmt: skip
 
 
@@ -80,7 +81,7 @@ def test_checkpoint_holds_everything_needed_and_loads_weights_only(tmp_path):
     assert_same(model.state_dict(), trainer.model.state_dict())
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "encoder.safetensors").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and '"img_per_sec"' in lines[0]
+    assert len(lines) == 2 and '"img_per_sec"' in lines[0] and '"mfu"' in lines[0]
 
 
 def test_exported_encoder_safetensors_matches_model(tmp_path):
@@ -106,7 +107,9 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
-    cfg = load_config(None, MICRO + [f"train.output_dir={tmp_path}", "train.max_steps=3", "data.batch_size=8"])
+    cfg = load_config(
+        None, MICRO + [f"train.output_dir={tmp_path}", "train.max_steps=3", "data.batch_size=8"]
+    )
     trainer = Trainer(cfg)
     with torch.no_grad():
         trainer.model.decoder_pred.weight.fill_(float("nan"))
@@ -126,7 +129,12 @@ def test_lr_schedule_and_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= skipped
+    assert {
+        "encoder.cls_token",
+        "mask_token",
+        "encoder.blocks.0.norm1.weight",
+        "decoder_pred.bias",
+    } <= skipped
     assert "encoder.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
     # frozen sin-cos position embeddings are not optimised at all
     assert "encoder.pos_embed" not in skipped | {names[id(p)] for p in decay["params"]}
@@ -194,3 +202,37 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     assert_same(a, b, atol=2e-6)
     init = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'x'}"])).model.state_dict()
     assert not torch.allclose(a["decoder_pred.weight"], init["decoder_pred.weight"])  # it did train
+
+
+def test_streaming_shards_train_and_resume_exactly(tmp_path):
+    from PIL import Image
+
+    from mimkit.data.shards import folder_to_shards
+
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (18, 18), color=(i * 20, c * 200, 90)).save(root / f"class{c}" / f"{i}.png")
+    folder_to_shards(root, tmp_path / "shards", shard_size=5)
+    pattern = str(tmp_path / "shards" / "train-{0000..0004}.tar")
+    args = ("data.source=shards", f"data.path={pattern}", "data.num_samples=null", "data.batch_size=4",
+            "train.max_steps=8", "model.in_chans=3")  # fmt: skip  # 24 samples = 6 batches/epoch
+    full = run_trainer(tmp_path / "full", *args)
+    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'part'}", *args]))
+    batches = part._batches()
+    for _ in range(3):
+        part.train_step(batches)
+    part.save()
+    resumed = run_trainer(tmp_path / "part", *args, "train.resume=auto")
+    assert_same(final_weights(full), final_weights(resumed))
+
+
+def test_online_probe_logs_accuracy_without_touching_pretraining(tmp_path):
+    plain = run_trainer(tmp_path / "plain", "train.max_steps=3", "data.batch_size=8")
+    probed = run_trainer(
+        tmp_path / "probed", "train.max_steps=3", "data.batch_size=8", "train.online_probe=true"
+    )
+    assert '"probe_acc"' in (tmp_path / "probed" / "metrics.jsonl").read_text()
+    # the probe sees detached features: the pretrained weights are exactly those of the run without it
+    assert_same(final_weights(plain), final_weights(probed))

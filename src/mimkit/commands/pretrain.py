@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
         if trainer.dist.is_main and not args.no_pictures:
             write_pictures(trainer)
         if trainer.dist.is_main:
-            print(f"[mimkit] done: final loss {stats.get('loss', float('nan')):.4f}; outputs in {trainer.out_dir}")
+            print(
+                f"[mimkit] done: final loss {stats.get('loss', float('nan')):.4f}; outputs in {trainer.out_dir}"
+            )
     finally:
         trainer.close()
     return 0

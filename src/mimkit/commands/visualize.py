@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a PNG grid: original | masked | reconstruction | reconstruction + visible patches",
     )
     p.add_argument("--checkpoint", required=True, help="a mimkit checkpoint (pretrain's checkpoint.pt)")
-    p.add_argument("--data", default=None, help="data source (default: the one the checkpoint was trained on)")
+    p.add_argument(
+        "--data", default=None, help="data source (default: the one the checkpoint was trained on)"
+    )
     p.add_argument("--data-path", default=None, help="folder or dataset directory")
     p.add_argument("--split", default=None, help="split to draw images from (default: test if it exists)")
     p.add_argument("--num-images", type=int, default=8)
@@ -54,9 +56,13 @@ def visualize_model(
     c = model.config
     split = split or "test"
     try:
-        base = build_dataset(source, path=path, split=split, img_size=c.img_size, in_chans=c.in_chans, seed=seed)
+        base = build_dataset(
+            source, path=path, split=split, img_size=c.img_size, in_chans=c.in_chans, seed=seed
+        )
     except (ValueError, FileNotFoundError):
-        base = build_dataset(source, path=path, split="train", img_size=c.img_size, in_chans=c.in_chans, seed=seed)
+        base = build_dataset(
+            source, path=path, split="train", img_size=c.img_size, in_chans=c.in_chans, seed=seed
+        )
     d_mean, d_std = default_mean_std(source, c.in_chans)
     mean, std = mean or d_mean, std or d_std
     transform = eval_transform(c.img_size, c.in_chans, mean, std, crop_pct=1.0)

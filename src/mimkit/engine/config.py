@@ -9,11 +9,10 @@ every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import re
 
 import yaml
 
@@ -75,6 +74,7 @@ class TrainConfig:
     online_probe: bool = False  # train a linear head on detached features (needs labels)
     distributed: str = "ddp"  # ddp | fsdp (used only when launched with several processes)
     progress: bool = True
+    matmul_ceiling: float | None = None  # FLOP/s for MFU; None = measured at start-up (about a second)
 
 
 @dataclass
@@ -104,7 +104,9 @@ def _build(cls, values: dict[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section '{where}'; valid keys: {sorted(fields)}")
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section '{where}'; valid keys: {sorted(fields)}"
+        )
     return cls(**{k: tuple(v) if k == "betas" else v for k, v in values.items()})
 
 
@@ -127,7 +129,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a nested config dict."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.base_lr=3e-4)")
+            raise ValueError(
+                f"override {item!r} is not of the form section.key=value (e.g. optim.base_lr=3e-4)"
+            )
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2:

@@ -62,7 +62,9 @@ class Trainer:
             else int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         )
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * self.dist.world_size
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * self.global_batch / 256
+        self.peak_lr = (
+            cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * self.global_batch / 256
+        )
 
         self.online_probe = self._build_online_probe() if cfg.train.online_probe else None
         self.optimizer = torch.optim.AdamW(
@@ -76,34 +78,56 @@ class Trainer:
         if cfg.train.resume:
             self._resume(cfg.train.resume)
         self.train_model = self._wrap(self.model)
+        self.flops_per_image, self.ceiling = self._measure_flops()
+
+    def _measure_flops(self) -> tuple[float, float]:
+        """Model FLOPs per image per training step and the matmul ceiling they are compared with (MFU)."""
+        from .perf import measure_matmul_ceiling, model_flops_per_image
+
+        flops = float(model_flops_per_image(self.model))
+        ceiling = self.cfg.train.matmul_ceiling
+        if ceiling is None:
+            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+            ceiling = measure_matmul_ceiling(dtype, device=self.dist.device)
+        return flops, float(ceiling)
 
     # ---------------------------------------------------------------- setup
     def _build_data(self):
+        """(loader, dataset, position keeper): the dataset has set_epoch, the keeper set_epoch/set_start."""
         from ..data import MIMDataset, ResumableSampler, build_dataset, build_loader, default_mean_std
         from ..data.transforms import pretrain_transform
 
-        c, mc = self.cfg.data, self.model.config
-        base = build_dataset(
-            c.source, path=c.path, split=c.split, num_samples=c.num_samples,
-            img_size=mc.img_size, in_chans=mc.in_chans, seed=self.cfg.train.seed,
-        )  # fmt: skip
+        c, mc, seed = self.cfg.data, self.model.config, self.cfg.train.seed
         mean, std = default_mean_std(c.source, mc.in_chans)
         transform = pretrain_transform(
             mc.img_size, mc.in_chans, c.mean or mean, c.std or std, scale=(c.min_crop_scale, 1.0)
         )
-        dataset = MIMDataset(base, transform, self.model.mask_generator, seed=self.cfg.train.seed)
+        if c.source == "shards":  # a stream: the dataset splits by rank/worker and keeps its own position
+            from ..data.shards import ShardDataset
+
+            dataset = ShardDataset(
+                c.path, c.batch_size, self.dist.rank, self.dist.world_size, seed=seed, in_chans=mc.in_chans,
+                transform=transform, mask_generator=self.model.mask_generator,
+            )  # fmt: skip
+            return build_loader(dataset, c.batch_size, c.num_workers), dataset, dataset
+        base = build_dataset(
+            c.source, path=c.path, split=c.split, num_samples=c.num_samples,
+            img_size=mc.img_size, in_chans=mc.in_chans, seed=seed,
+        )  # fmt: skip
+        dataset = MIMDataset(base, transform, self.model.mask_generator, seed=seed)
         sampler = ResumableSampler(
-            len(dataset), self.dist.world_size, self.dist.rank, seed=self.cfg.train.seed, shuffle=True
+            len(dataset), self.dist.world_size, self.dist.rank, seed=seed, shuffle=True
         )
-        loader = build_loader(dataset, c.batch_size, c.num_workers, sampler)
-        return loader, dataset, sampler
+        return build_loader(dataset, c.batch_size, c.num_workers, sampler), dataset, sampler
 
     def _build_online_probe(self) -> nn.Module:
         from ..eval.online import OnlineProbe
 
-        num_classes = getattr(self.dataset.base, "num_classes", None)
+        num_classes = getattr(self.dataset, "num_classes", None)
         if not num_classes:
-            raise ValueError("train.online_probe needs a labelled dataset (class subfolders or a known dataset)")
+            raise ValueError(
+                "train.online_probe needs a labelled dataset (class subfolders or a known dataset)"
+            )
         return OnlineProbe(self.model.encoder.embed_dim, num_classes).to(self.dist.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -231,7 +255,8 @@ class Trainer:
             f"{cfg.model_name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
             f"{len(self.dataset)} images, global batch {self.global_batch}, peak lr {self.peak_lr:.3g}, "
             f"{self.total_steps} steps ({self.steps_per_epoch:.1f}/epoch), {self.dist.world_size} process(es) on "
-            f"{self.dist.device}, {cfg.train.precision}"
+            f"{self.dist.device}, {cfg.train.precision}; {self.flops_per_image / 1e9:.2f} GFLOP/image/step, "
+            f"matmul ceiling {self.ceiling / 1e9:.0f} GFLOP/s"
         )
         self.train_model.train()
         batches = self._batches()
@@ -245,12 +270,19 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     stats["img_per_sec"] = window_images / elapsed
+                    # per-process MFU: this process's share of the images against one device's ceiling
+                    stats["mfu"] = (
+                        stats["img_per_sec"] / self.dist.world_size * self.flops_per_image / self.ceiling
+                    )
                     stats["epoch"] = self.micro_done / self.micro_per_epoch
                     logger.log(self.step, stats)
                     window_start, window_images = time.perf_counter(), 0
                     if bar is not None:
                         bar.set_postfix(
-                            loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", img_s=f"{stats['img_per_sec']:.1f}"
+                            loss=f"{stats['loss']:.4f}",
+                            lr=f"{stats['lr']:.2e}",
+                            img_s=f"{stats['img_per_sec']:.1f}",
+                            mfu=f"{stats['mfu']:.1%}",
                         )
                 if bar is not None:
                     bar.update(1)
@@ -265,7 +297,7 @@ class Trainer:
             logger.close()
         if self.dist.is_main:
             export_encoder(self.model, self.out_dir / "encoder.safetensors")
-            bad = getattr(self.dataset.base, "num_bad", 0)
+            bad = getattr(self.dataset, "num_bad", 0)
             if bad:
                 self._log(f"skipped {bad} unreadable image(s) in this process; see the warnings above")
         barrier(self.dist)
@@ -285,7 +317,10 @@ def export_encoder(model: nn.Module, path: str | Path) -> None:
 
     model = unwrap(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.encoder.state_dict().items()}
-    meta = {"model_name": str(getattr(model, "model_name", "")), "model_config": json.dumps(model_state(model)["model_config"])}
+    meta = {
+        "model_name": str(getattr(model, "model_name", "")),
+        "model_config": json.dumps(model_state(model)["model_config"]),
+    }
     save_file(state, str(path), metadata=meta)
 
 

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 
-def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, keys: tuple[str, ...] | None = None) -> Path:
+def plot_loss_curve(
+    metrics_path: str | Path, out_path: str | Path, keys: tuple[str, ...] | None = None
+) -> Path:
     """Plot every loss-like series of a metrics.jsonl (loss, loss_decode, loss_align, ...) against step."""
     import matplotlib
 

@@ -73,7 +73,9 @@ def _gray(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (0.5 - m) / s
 
 
-def save_reconstructions(titles: list[str], rows: list[list[np.ndarray]], out_path: str | Path, scale: float = 1.6) -> Path:
+def save_reconstructions(
+    titles: list[str], rows: list[list[np.ndarray]], out_path: str | Path, scale: float = 1.6
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
