@@ -76,8 +76,12 @@ def shard_model(
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
     mesh: Any = None,
+    sync_module_states: bool = True,
 ) -> nn.Module:
     """Shard `model` in place with FSDP2 across the default process group; returns the same module.
+
+    sync_module_states: first broadcast rank 0's parameters and buffers (as DDP does), so a model
+    initialised differently on each rank starts from rank 0's weights, like a DDP or single-process run.
 
     param_dtype: compute dtype for gathered parameters (e.g. torch.bfloat16; gradients are reduced in
     float32); None keeps the parameters' dtype. `mesh`: a DeviceMesh (default: all ranks, one dimension).
@@ -86,6 +90,10 @@ def shard_model(
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("shard_model needs an initialised process group; launch with torchrun")
+    if sync_module_states:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
