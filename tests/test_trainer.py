@@ -177,8 +177,8 @@ def test_run_survives_a_folder_with_corrupt_files(tmp_path):
     assert trainer.dataset.num_bad == 2
 
 
-def _torchrun(tmp: Path, nproc: int, *overrides: str) -> Path:
-    out = tmp / f"np{nproc}"
+def _torchrun(tmp: Path, nproc: int, *overrides: str, name: str = "") -> Path:
+    out = tmp / (name or f"np{nproc}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "mimkit", "pretrain", "--no-pictures", *MICRO, f"train.output_dir={out}", *overrides]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -202,6 +202,18 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     assert_same(a, b, atol=2e-6)
     init = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'x'}"])).model.state_dict()
     assert not torch.allclose(a["decoder_pred.weight"], init["decoder_pred.weight"])  # it did train
+
+
+def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(tmp_path):
+    args = ("data.batch_size=8", "train.max_steps=3", "optim.accum_steps=2", "optim.clip_grad=1.0")
+    ddp = final_weights(_torchrun(tmp_path, 2, *args, name="ddp"))
+    fsdp_ckpt = _torchrun(tmp_path, 2, *args, "train.distributed=fsdp", name="fsdp")
+    fsdp = final_weights(fsdp_ckpt)
+    for key in [k for k in ddp if k.endswith("attn.qkv.bias")]:  # see the test above for the key bias
+        ddp[key], fsdp[key] = ddp[key].chunk(3)[0], fsdp[key].chunk(3)[0]
+    assert_same(ddp, fsdp, atol=2e-6)
+    model = model_from_checkpoint(fsdp_ckpt)  # a single-process model from an FSDP run's checkpoint
+    assert torch.equal(model.state_dict()["decoder_pred.weight"], fsdp["decoder_pred.weight"])
 
 
 def test_streaming_shards_train_and_resume_exactly(tmp_path):

@@ -56,14 +56,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
 
 
-def model_state(model: nn.Module) -> dict:
-    """The checkpoint entries that describe and hold a model (unwrapping DDP / compile wrappers)."""
+def model_state(model: nn.Module, weights: dict | None = None) -> dict:
+    """The checkpoint entries that describe and hold a model (unwrapping DDP / compile wrappers).
+
+    weights: the state dict to store, when it was gathered elsewhere (FSDP); default model.state_dict().
+    """
     model = unwrap(model)
     return {
         "format": FORMAT,
         "model_name": getattr(model, "model_name", None),
         "model_config": dataclasses.asdict(model.config),
-        "model": model.state_dict(),
+        "model": model.state_dict() if weights is None else weights,
     }
 
 

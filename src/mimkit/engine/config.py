@@ -72,7 +72,8 @@ class TrainConfig:
     resume: str | None = None  # path to a checkpoint, or "auto" = output_dir/checkpoint.pt if present
     compile: bool = False  # torch.compile the model
     online_probe: bool = False  # train a linear head on detached features (needs labels)
-    distributed: str = "ddp"  # ddp | fsdp (used only when launched with several processes)
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2; used only when launched with several processes)
+    activation_checkpointing: bool = False  # recompute block activations in backward (fsdp only)
     progress: bool = True
     matmul_ceiling: float | None = None  # FLOP/s for MFU; None = measured at start-up (about a second)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..registry import create_model
-from .checkpoint import atomic_save, load_checkpoint, model_state, unwrap
+from .checkpoint import atomic_save, load_checkpoint, model_state
 from .config import Config, save_config
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from .optim import cosine_lr, param_groups
@@ -66,6 +66,12 @@ class Trainer:
             cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * self.global_batch / 256
         )
 
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.fsdp = self.dist.enabled and cfg.train.distributed == "fsdp"
+        if self.fsdp:  # shards parameters in place: must precede the optimizer
+            from .fsdp import shard_model
+
+            shard_model(self.model, activation_checkpointing=cfg.train.activation_checkpointing)
         self.online_probe = self._build_online_probe() if cfg.train.online_probe else None
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay)
@@ -131,24 +137,27 @@ class Trainer:
         return OnlineProbe(self.model.encoder.embed_dim, num_classes).to(self.dist.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.dist.enabled:
-            if self.cfg.train.distributed == "fsdp":
-                from .fsdp import shard_model
-
-                model = shard_model(model)
-            else:
-                model = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
-                )
+        if self.dist.enabled and not self.fsdp:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
+            )
         if self.cfg.train.compile:
             model = torch.compile(model)
         return model
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The full training state; under FSDP a collective that gathers everything on rank 0."""
+        if self.fsdp:
+            from .fsdp import full_model_state_dict, full_optimizer_state_dict
+
+            weights = full_model_state_dict(self.model)
+            optimizer = full_optimizer_state_dict(self.model, self.optimizer)
+        else:
+            weights, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         return {
-            **model_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            **model_state(self.model, weights),
+            "optimizer": optimizer,
             "online_probe": self.online_probe.state_dict() if self.online_probe else None,
             "step": self.step,
             "micro_done": self.micro_done,
@@ -167,19 +176,28 @@ class Trainer:
             raise ValueError(
                 f"cannot resume: {path} holds {ckpt.get('model_name')!r}, the config asks for {self.cfg.model_name!r}"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.fsdp:
+            from .fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
+
+            load_full_model_state_dict(self.model, ckpt["model"])
+            load_full_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.online_probe is not None and ckpt.get("online_probe"):
             self.online_probe.load_state_dict(ckpt["online_probe"])
         self.step, self.micro_done = int(ckpt["step"]), int(ckpt["micro_done"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         self._log(f"resumed from {path} at step {self.step}")
 
-    def save(self, name: str = "checkpoint.pt") -> Path:
+    def save(self, name: str = "checkpoint.pt", export: bool = False) -> Path:
+        """Write the training state (rank 0) and, with `export`, the encoder as safetensors beside it."""
         path = self.out_dir / name
         state = self.state_dict()  # every rank takes part (FSDP gathers), rank 0 writes
         if self.dist.is_main:
             atomic_save(state, path)
+            if export:
+                export_encoder(state, self.out_dir / "encoder.safetensors")
         barrier(self.dist)
         return path
 
@@ -213,8 +231,14 @@ class Trainer:
         for i in range(accum):
             images, mask, labels = next(batches)
             images, mask = images.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
-            sync = i == accum - 1 or not isinstance(self.train_model, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.train_model.no_sync(), self._autocast():
+            last = i == accum - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+            with (
+                self.train_model.no_sync() if ddp and not last else contextlib.nullcontext(),
+                self._autocast(),
+            ):
                 out = self.train_model(images, mask)
                 loss = out.loss
                 metrics = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.metrics.items()}}
@@ -252,7 +276,7 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.yaml")
         logger = MetricLogger(self.out_dir, enabled=self.dist.is_main)
         self._log(
-            f"{cfg.model_name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+            f"{cfg.model_name}: {self.num_params / 1e6:.2f}M params, "
             f"{len(self.dataset)} images, global batch {self.global_batch}, peak lr {self.peak_lr:.3g}, "
             f"{self.total_steps} steps ({self.steps_per_epoch:.1f}/epoch), {self.dist.world_size} process(es) on "
             f"{self.dist.device}, {cfg.train.precision}; {self.flops_per_image / 1e9:.2f} GFLOP/image/step, "
@@ -287,7 +311,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
-                    self.save()
+                    self.save(export=self.step == self.total_steps)
                 keep = cfg.train.keep_every_epochs
                 if keep and self.micro_done % (keep * self.micro_per_epoch) < cfg.optim.accum_steps:
                     self.save(f"checkpoint-epoch{self.micro_done // self.micro_per_epoch:04d}.pt")
@@ -296,7 +320,6 @@ class Trainer:
                 bar.close()
             logger.close()
         if self.dist.is_main:
-            export_encoder(self.model, self.out_dir / "encoder.safetensors")
             bad = getattr(self.dataset, "num_bad", 0)
             if bad:
                 self._log(f"skipped {bad} unreadable image(s) in this process; see the warnings above")
@@ -311,15 +334,17 @@ class Trainer:
         cleanup(self.dist)
 
 
-def export_encoder(model: nn.Module, path: str | Path) -> None:
-    """The encoder's weights as safetensors (timm key names), with the model config in its metadata."""
+def export_encoder(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint's encoder weights as safetensors (timm key names), the model config in its metadata."""
     from safetensors.torch import save_file
 
-    model = unwrap(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.encoder.state_dict().items()}
+    prefix = "encoder."
+    state = {
+        k[len(prefix) :]: v.contiguous().cpu() for k, v in checkpoint["model"].items() if k.startswith(prefix)
+    }
     meta = {
-        "model_name": str(getattr(model, "model_name", "")),
-        "model_config": json.dumps(model_state(model)["model_config"]),
+        "model_name": str(checkpoint["model_name"]),
+        "model_config": json.dumps(checkpoint["model_config"]),
     }
     save_file(state, str(path), metadata=meta)
 
