@@ -44,7 +44,7 @@ class Trainer:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
-        torch.manual_seed(step_seed(cfg.train.seed, 0, self.dist.rank))
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
         self.model = create_model(cfg.model_name, **cfg.model_overrides).to(self.dist.device)
         self.train_loader, self.dataset, self.sampler = self._build_data()
