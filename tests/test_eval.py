@@ -334,3 +334,28 @@ def test_online_probe_learns_without_touching_features():
     y_unlabelled = torch.full_like(y, -1)
     loss, acc = probe(features, y_unlabelled)
     assert loss.item() == 0.0 and math.isnan(acc.item())
+
+
+# ---------------------------------------------------------------- every registered method's encoder
+
+
+@pytest.mark.parametrize("name", __import__("mimkit").list_models("*_tiny_*"))
+def test_every_tiny_preset_works_with_probes_and_layer_decay(name):
+    from mimkit import create_model, model_config
+
+    cfg = model_config(name)
+    model = create_model(name)
+    encoder = model.encoder
+    size = cfg.img_size if isinstance(cfg.img_size, tuple) else (cfg.img_size, cfg.img_size)
+    images, labels = torch.randn(4, cfg.in_chans, *size), torch.arange(4)
+    feats = extract_features(model, (images, labels), keep_tokens=True, progress=False)
+    assert feats["features"].shape == (4, encoder.embed_dim)
+    assert feats["tokens"].shape[1] >= encoder.num_prefix_tokens + 1
+    classifier = FinetuneClassifier(model, num_classes=3)
+    groups = layer_decay_param_groups(classifier, layer_decay=0.5)
+    grouped = {n for g in groups for n in g["names"]}
+    assert grouped == {n for n, p in classifier.named_parameters() if p.requires_grad}
+    depth = encoder.num_layers
+    for g in groups:
+        assert 0 <= g["layer_id"] <= depth + 1 and g["lr_scale"] == 0.5 ** (depth + 1 - g["layer_id"])
+    assert classifier(images).shape == (4, 3)
