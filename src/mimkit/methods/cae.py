@@ -124,7 +124,7 @@ class CAE(nn.Module):
                 "qv",
                 layer_scale_init=c.layer_scale_init,
                 norm_eps=c.norm_eps,
-            )  # fmt: skip
+            )
             for _ in range(c.regressor_depth)
         )
         self.regressor_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
@@ -142,7 +142,7 @@ class CAE(nn.Module):
                 qkv_bias="qv",
                 layer_scale_init=c.layer_scale_init,
                 norm_eps=c.norm_eps,
-            )  # fmt: skip
+            )
             for _ in range(c.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(dec_dim, eps=c.norm_eps)

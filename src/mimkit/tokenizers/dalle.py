@@ -161,5 +161,6 @@ class DalleTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.encoder(self.second_view(images))  # [B, vocab, h, w]
+        with torch.autocast(images.device.type, enabled=False):  # float32 ids whatever the precision
+            logits = self.encoder(self.second_view(images))  # [B, vocab, h, w]
         return logits.argmax(dim=1).flatten(1)  # [B, L]

@@ -101,8 +101,11 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] (normalised like the model's input) -> token ids [B, L] long, row-major grid."""
-        z = self._encode_vectors(images)  # [B, h, w, d]
+        """[B, C, H, W] (normalised like the model's input) -> token ids [B, L] long, row-major grid.
+
+        Runs in float32 even under autocast, so ids do not depend on the training precision."""
+        with torch.autocast(images.device.type, enabled=False):
+            z = self._encode_vectors(images.float())  # [B, h, w, d]
         return self._nearest(z.reshape(-1, z.shape[-1])).reshape(z.shape[0], -1)
 
     @torch.no_grad()
