@@ -134,7 +134,9 @@ def _timm_pair(timm_name: str, fused: bool, **timm_kwargs):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["math", "sdpa"])
 @pytest.mark.parametrize(
-    "kwargs", [dict(img_size=64), dict(img_size=(48, 64), in_chans=1)], ids=["square", "nonsquare_gray"]
+    "kwargs",
+    [dict(img_size=64, depth=4), dict(img_size=(48, 64), in_chans=1, depth=4)],
+    ids=["square", "nonsquare_gray"],
 )
 def test_encoder_features_match_timm_vit_tiny(kwargs, fused: bool):
     encoder, ref = _timm_pair("vit_tiny_patch16_224", fused, **kwargs)
