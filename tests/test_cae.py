@@ -189,6 +189,12 @@ def test_reconstructions_keep_visible_patches_and_both_paths_run():
     vis = ~mask.reshape(2, 1, 8, 1, 8, 1).expand(2, 1, 8, 4, 8, 4).reshape(2, 1, 32, 32)
     assert torch.equal(via_reg[vis], x[vis]) and torch.equal(direct[vis], x[vis])
     assert not torch.allclose(via_reg, direct)
+    # "around the regressor" = the decoder applied to the encoder's latents of the masked patches (the
+    # alignment target), the paper's shared-latent-space check
+    extra = model.extra_reconstructions(x, mask)["encoder -> decoder"]
+    expect = model.forward_decoder(model.alignment_target(x, mask), mask)
+    assert extra.shape == (2, 64, 16)
+    torch.testing.assert_close(extra[mask], expect.reshape(-1, 16))
 
 
 def test_loss_falls_when_overfitting_one_batch():
