@@ -112,7 +112,7 @@ def evaluate(
 ) -> dict:
     model, key = load_eval_model(checkpoint, "" if random_init else None, seed=args.seed)
     out = {}
-    for protocol in PROTOCOLS:
+    for protocol in ("attentive", "knn", "linear"):  # attentive first: its token cache serves the other two
         res = run_probe(
             protocol, model, spec, key, cache, bf16=args.bf16_features, progress=False,
             linear=LinearProbeConfig(epochs=args.linear_epochs, seed=args.seed),
