@@ -158,20 +158,21 @@ def bar_chart(results: dict, path: Path) -> None:
         short = name.split("_")[0]
         series += [(f"{short} random init", r["random_init"]), (f"{short} pretrained", r["pretrained"])]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4), dpi=120)
     for i, (label, vals) in enumerate(series):
-        xs = [j + i * width for j in range(len(PROTOCOLS))]
-        ys = [100 * vals[p] if vals.get(p) is not None else 0.0 for p in PROTOCOLS]
-        bars = ax.bar(xs, ys, width, label=label)
+        done = [(j, 100 * vals[p]) for j, p in enumerate(PROTOCOLS) if vals.get(p) is not None]
+        bars = ax.bar([j + i * width for j, _ in done], [v for _, v in done], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PROTOCOLS))], PROTOCOLS)
     ax.set_ylabel("Fashion-MNIST test top-1 (%)")
+    s = results["settings"]
     ax.set_title(
-        f"quality per budget: {results['settings']['minutes']} {results['settings']['clock']}-minutes of pretraining per method",
+        f"{s['minutes']:g} {s['clock']}-minutes of pretraining per method; probes on {s['max_train']} train / "
+        f"{s['max_test']} test images",
         fontsize=9,
     )
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -205,7 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-features", action="store_true", help="extract probe features under bf16 autocast")
     p.add_argument("--reuse", action="store_true", help="re-use a finished pretraining run found in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--replot", action="store_true", help="only rewrite quality.md / quality.png from quality.json"
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        results = json.loads((Path(args.out) / "quality.json").read_text())
+        (Path(args.out) / "quality.md").write_text(table(results))
+        bar_chart(results, Path(args.out) / "quality.png")
+        print(table(results))
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
