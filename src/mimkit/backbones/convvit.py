@@ -70,7 +70,19 @@ def conv_as_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def depthwise_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A (depthwise) Conv2d on a channel-last map [B, h, w, C] -> [B, h, w, C] (channels-last memory)."""
+    """A (depthwise) Conv2d on a channel-last map [B, h, w, C] -> [B, h, w, C] (channels-last memory).
+
+    On CPU a reduced-precision input is computed in float32: oneDNN's bf16 depthwise backward on channels-last
+    maps is about 2x slower than its float32 one (measured: 380 vs 180 ms for [8, 256, 56, 56], 5x5).
+    """
+    dtype = x.dtype
+    if x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = F.conv2d(
+                x.float().permute(0, 3, 1, 2), conv.weight.float(), conv.bias.float(), conv.stride, conv.padding,
+                conv.dilation, conv.groups,
+            )  # fmt: skip
+        return out.permute(0, 2, 3, 1).to(dtype)
     out = F.conv2d(
         x.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
     )
