@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 RUN=${RUN:-runs/quickstart}
 .venv/bin/mimkit pretrain --config configs/mae_tiny_fmnist.yaml --output-dir "$RUN" "$@"
-.venv/bin/mimkit probe knn --checkpoint "$RUN/checkpoint.pt" --data fashion_mnist --max-train 10000 --bf16 --out "$RUN/knn"
+.venv/bin/mimkit probe knn --checkpoint "$RUN/checkpoint.pt" --data fashion_mnist --max-train 5000 --max-test 2000 --bf16 --out "$RUN/knn"
 echo
 echo "Look at: $RUN/reconstructions.png  $RUN/loss_curve.png  $RUN/knn/"
