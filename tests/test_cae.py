@@ -15,15 +15,6 @@ from mimkit.targets import pixel_target
 TINY = dict(embed_dim=32, depth=2, num_heads=2, regressor_depth=2, decoder_depth=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run many times slower with 2 threads on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> CAE:
     return mimkit.create_model("cae_vit_tiny_patch4_32", **{**TINY, **kw})
 

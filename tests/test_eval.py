@@ -27,15 +27,6 @@ from mimkit.eval import (
 from mimkit.layers import Block
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops are dominated by thread hand-offs on a busy machine; one thread keeps these tests fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ToyEncoder(nn.Module):
     """A tiny encoder with the mimkit encoder contract and a BatchNorm in its patch embedding, so that any
     statistics update during a probe would show up."""

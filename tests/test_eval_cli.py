@@ -16,14 +16,6 @@ TINY = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_he
 DATA = ["--data", "synthetic", "--max-train", "96", "--max-test", "40", "--batch-size", "32", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
     path = tmp_path / "run" / "checkpoint.pt"

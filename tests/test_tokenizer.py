@@ -22,15 +22,6 @@ from mimkit.tokenizers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small convs run many times slower with 2 threads on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_vq(**kw) -> VQTokenizer:
     cfg = dict(in_chans=1, patch_size=4, hidden_dim=16, num_res_blocks=1, code_dim=8, codebook_size=32)
     return VQTokenizer(VQTokenizerConfig(**{**cfg, **kw}))
