@@ -78,6 +78,7 @@ class Trainer:
             + (param_groups(self.online_probe, 0.0) if self.online_probe else []),
             lr=self.peak_lr,
             betas=tuple(cfg.optim.betas),
+            fused=not self.fsdp,  # one kernel for all parameters (about 5x faster on CPU); fp32 state
         )
         self.step = 0
         self.micro_done = 0  # micro-batches consumed since the start of training
