@@ -18,7 +18,10 @@ AdamW step, zero_grad) of each model, in the order CAE, MAE on even rounds and M
 consecutive rounds form ABBA blocks. Same images and a fixed mask per model throughout. Memory: the peak
 resident set during the step minus the RSS just before it (model, gradients and AdamW state already
 there), sampled every millisecond from /proc/self/statm by a background thread: the activations and
-temporaries the step needs (glibc's mmap threshold is fixed so freed tensors go back to the OS).
+temporaries the step needs (glibc's mmap threshold is fixed so freed tensors go back to the OS). Each
+step's CPU time (process user + sys, less the memory poller's) is recorded too: on a machine shared with
+other jobs, wall time includes time spent descheduled, CPU time mostly does not, so the CPU-time efficiency
+ratio (model FLOPs per CPU second, CAE over MAE) is the steadier comparison at 1 thread.
 
 FLOPs per image per step come from `mimkit.engine.perf.model_flops_per_image` (analytic for MAE; a
 FlopCounterMode count of a real batch-1 step for CAE), cross-checked against an analytic CAE count below.
@@ -71,6 +74,7 @@ class PeakRSS:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval)
+        self.cpu_s = time.thread_time()  # this poller's own CPU time, to subtract from the process's
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -233,17 +237,19 @@ def main() -> None:
         json.dumps({k: result[k] for k in ("gflops_per_image_step", "flops_ratio_cae_over_mae")}), flush=True
     )
 
-    def step(name: str, bf16: bool) -> tuple[float, int]:
+    def step(name: str, bf16: bool) -> tuple[float, float, int]:
+        """One train step -> (wall s, CPU s of the step's own threads, peak RSS growth in bytes)."""
         model, opt = models[name], opts[name]
         with PeakRSS() as mem:
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(images, masks[name]).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
             elapsed = time.perf_counter() - start
-        return elapsed, mem.delta
+            cpu = time.process_time() - cpu_start
+        return elapsed, cpu - mem.cpu_s, mem.delta
 
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -255,12 +261,14 @@ def main() -> None:
             for name in NAMES:  # warm-up (also allocates gradients and AdamW state)
                 step(name, bf16)
             times: dict[str, list[float]] = {n: [] for n in NAMES}
+            cpus: dict[str, list[float]] = {n: [] for n in NAMES}
             mems: dict[str, list[int]] = {n: [] for n in NAMES}
             for r in range(args.rounds):
                 order = NAMES if r % 2 == 0 else NAMES[::-1]  # CAE MAE | MAE CAE | CAE MAE | ...
                 for name in order:
-                    t, m = step(name, bf16)
+                    t, c, m = step(name, bf16)
                     times[name].append(t)
+                    cpus[name].append(c)
                     mems[name].append(m)
             ceiling_end = measure_matmul_ceiling(dtype)
             ceiling = max(ceiling_start, ceiling_end)
@@ -271,6 +279,10 @@ def main() -> None:
             ratios = [
                 (flops["cae_b"] / tc) / (flops["mae_b"] / tm)
                 for tc, tm in zip(times["cae_b"], times["mae_b"])
+            ]
+            cpu_med = {n: statistics.median(cpus[n]) for n in NAMES}
+            cpu_ratios = [
+                (flops["cae_b"] / c) / (flops["mae_b"] / m) for c, m in zip(cpus["cae_b"], cpus["mae_b"])
             ]
             run = {
                 "threads": threads,
@@ -287,13 +299,34 @@ def main() -> None:
                 "mfu_ratio_cae_over_mae_median_of_rounds": statistics.median(ratios),
                 "mfu_ratio_cae_over_mae_rounds": ratios,
                 "time_ratio_cae_over_mae": med["cae_b"] / med["mae_b"],
+                # CPU time of the step (user + sys of the process, less the RSS poller): what the step cost
+                # when it ran, insensitive to time spent descheduled on a loaded machine. With 2+ threads it
+                # also counts OpenMP spin-waiting, so it is most telling at 1 thread.
+                "step_cpu_s_median": cpu_med,
+                "model_gflops_per_cpu_s": {n: args.batch_size * flops[n] / cpu_med[n] / 1e9 for n in NAMES},
+                "cpu_time_efficiency_ratio_cae_over_mae": (flops["cae_b"] / cpu_med["cae_b"])
+                / (flops["mae_b"] / cpu_med["mae_b"]),
+                "cpu_time_efficiency_ratio_cae_over_mae_median_of_rounds": statistics.median(cpu_ratios),
                 "step_peak_rss_delta_mb_median": {n: statistics.median(mems[n]) / 2**20 for n in NAMES},
                 "step_s_all": times,
+                "step_cpu_s_all": cpus,
             }
             key = f"threads{threads}_{precision}"
             result["runs"][key] = run
             print(
-                json.dumps({key: {k: run[k] for k in ("img_per_s", "mfu", "mfu_ratio_cae_over_mae")}}),
+                json.dumps(
+                    {
+                        key: {
+                            k: run[k]
+                            for k in (
+                                "img_per_s",
+                                "mfu",
+                                "mfu_ratio_cae_over_mae",
+                                "cpu_time_efficiency_ratio_cae_over_mae",
+                            )
+                        }
+                    }
+                ),
                 flush=True,
             )
     text = json.dumps(result, indent=1)
