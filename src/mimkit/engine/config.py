@@ -163,7 +163,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {cfg.train.distributed!r}")
     if cfg.train.online_probe and cfg.train.distributed == "fsdp":
-        raise ValueError("train.online_probe is not supported with train.distributed=fsdp; use ddp or turn it off")
+        raise ValueError(
+            "train.online_probe is not supported with train.distributed=fsdp; use ddp or turn it off"
+        )
     if cfg.data.batch_size < 1 or cfg.optim.accum_steps < 1:
         raise ValueError("data.batch_size and optim.accum_steps must be >= 1")
     from ..registry import model_config

@@ -51,7 +51,9 @@ class Attention(nn.Module):
         else:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
             qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, h, N, d]
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(
+            2, 0, 3, 1, 4
+        )  # [B, h, N, d]
         x = attend(q, k, v, self.fused)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 

@@ -105,4 +105,6 @@ register_model(
 register_model("mae_vit_small_patch16_224", MAE, _preset(embed_dim=384, depth=12, num_heads=6))
 register_model("mae_vit_base_patch16_224", MAE, _preset(embed_dim=768, depth=12, num_heads=12))
 register_model("mae_vit_large_patch16_224", MAE, _preset(embed_dim=1024, depth=24, num_heads=16))
-register_model("mae_vit_huge_patch14_224", MAE, _preset(patch_size=14, embed_dim=1280, depth=32, num_heads=16))
+register_model(
+    "mae_vit_huge_patch14_224", MAE, _preset(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+)
