@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check -q src tests benchmarks
 .venv/bin/python -m pytest -q "$@"
