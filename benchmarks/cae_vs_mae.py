@@ -37,50 +37,18 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
 import torch
+from peak_rss import PeakRSS
 from torch import nn
 
 import mimkit
 from mimkit.engine.perf import measure_matmul_ceiling, mfu, model_flops_per_image
 from mimkit.layers.attention import set_fused_attention
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 NAMES = ("cae_b", "mae_b")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """Context manager: peak RSS growth (bytes) over the block, polled every `interval` seconds."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-        self.cpu_s = time.thread_time()  # this poller's own CPU time, to subtract from the process's
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        self.delta = self.peak - self.base
 
 
 # ---------------------------------------------------------------------------------------------------------
