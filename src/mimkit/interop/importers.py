@@ -84,6 +84,22 @@ def _state_dict_and_args(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor
     return sd, args
 
 
+def _with_decoder_and_recipe(cfg: dict, sd: dict, args: dict) -> dict:
+    """Add the MAE-style decoder sizes read off its weights and the recipe flags stored with the weights."""
+    if "decoder_embed.weight" in sd:
+        Dd = sd["decoder_embed.weight"].shape[0]
+        cfg.update(
+            decoder_embed_dim=Dd,
+            decoder_depth=_count(sd, "decoder_blocks."),
+            decoder_num_heads=standard_heads(Dd, 32),
+        )
+    if "norm_pix_loss" in args:
+        cfg["norm_pix_loss"] = bool(args["norm_pix_loss"])
+    if "mask_ratio" in args:
+        cfg["mask_ratio"] = float(args["mask_ratio"])
+    return cfg
+
+
 def _count(sd: Mapping[str, Any], prefix: str) -> int:
     ids = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(ids) + 1 if ids else 0
@@ -125,18 +141,7 @@ def _mae_config(sd: Mapping[str, torch.Tensor], args: dict[str, Any], overrides:
         img_size=_img_size(sd["encoder.pos_embed"].shape[1] - 1, p, overrides.get("img_size")),
         mlp_ratio=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0] / D,
     )
-    if "decoder_embed.weight" in sd:
-        Dd = sd["decoder_embed.weight"].shape[0]
-        cfg.update(
-            decoder_embed_dim=Dd,
-            decoder_depth=_count(sd, "decoder_blocks."),
-            decoder_num_heads=standard_heads(Dd, 32),
-        )
-    if "norm_pix_loss" in args:
-        cfg["norm_pix_loss"] = bool(args["norm_pix_loss"])
-    if "mask_ratio" in args:
-        cfg["mask_ratio"] = float(args["mask_ratio"])
-    return cfg
+    return _with_decoder_and_recipe(cfg, sd, args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,18 +251,7 @@ def _convmae_config(sd: Mapping[str, torch.Tensor], args: dict[str, Any], overri
         dw_kernel=int(sd["encoder.blocks1.0.attn.weight"].shape[-1]),
         img_size=_img_size(sd["encoder.pos_embed"].shape[1], math.prod(strides), overrides.get("img_size")),
     )
-    if "decoder_embed.weight" in sd:
-        Dd = sd["decoder_embed.weight"].shape[0]
-        cfg.update(
-            decoder_embed_dim=Dd,
-            decoder_depth=_count(sd, "decoder_blocks."),
-            decoder_num_heads=standard_heads(Dd, 32),
-        )
-    if "norm_pix_loss" in args:
-        cfg["norm_pix_loss"] = bool(args["norm_pix_loss"])
-    if "mask_ratio" in args:
-        cfg["mask_ratio"] = float(args["mask_ratio"])
-    return cfg
+    return _with_decoder_and_recipe(cfg, sd, args)
 
 
 # ---------------------------------------------------------------------------------------------------------
