@@ -31,6 +31,16 @@ def run_trainer(tmp: Path, *overrides: str) -> Trainer:
     return trainer
 
 
+def stop_and_resume(tmp: Path, stop_after: int, *overrides: str) -> Trainer:
+    """Train `stop_after` steps, checkpoint, then finish the run from that checkpoint in a new Trainer."""
+    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp}", *overrides]))
+    batches = part._batches()
+    for _ in range(stop_after):
+        part.train_step(batches)
+    part.save()
+    return run_trainer(tmp, *overrides, "train.resume=auto")
+
+
 def final_weights(trainer_or_path) -> dict[str, torch.Tensor]:
     if isinstance(trainer_or_path, Trainer):
         return {k: v.clone() for k, v in trainer_or_path.model.state_dict().items()}
@@ -46,13 +56,7 @@ def assert_same(a: dict, b: dict, atol: float = 0.0):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full = run_trainer(tmp_path / "full", "train.max_steps=6", "data.batch_size=8")
     # 3 steps, stop; then resume to 6 with the same schedule (max_steps fixes the schedule length).
-    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'part'}", "train.max_steps=6",
-                                                "data.batch_size=8"]))  # fmt: skip
-    batches = part._batches()
-    for _ in range(3):
-        part.train_step(batches)
-    part.save()
-    resumed = run_trainer(tmp_path / "part", "train.max_steps=6", "data.batch_size=8", "train.resume=auto")
+    resumed = stop_and_resume(tmp_path / "part", 3, "train.max_steps=6", "data.batch_size=8")
     assert resumed.step == 6
     assert_same(final_weights(full), final_weights(resumed))
     # and the run crossed an epoch boundary mid-way (64 samples / 8 = 8 micro-batches per epoch): not trivial
@@ -62,12 +66,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_resume_mid_epoch_with_accumulation_crosses_epochs(tmp_path):
     args = ("train.max_steps=5", "data.batch_size=8", "optim.accum_steps=3")  # 15 micro-batches > 1 epoch
     full = run_trainer(tmp_path / "full", *args)
-    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'part'}", *args]))
-    batches = part._batches()
-    for _ in range(2):
-        part.train_step(batches)
-    part.save()
-    resumed = run_trainer(tmp_path / "part", *args, "train.resume=auto")
+    resumed = stop_and_resume(tmp_path / "part", 2, *args)
     assert_same(final_weights(full), final_weights(resumed))
 
 
@@ -231,12 +230,7 @@ def test_streaming_shards_train_and_resume_exactly(tmp_path):
     args = ("data.source=shards", f"data.path={pattern}", "data.num_samples=null", "data.batch_size=4",
             "train.max_steps=8", "model.in_chans=3")  # fmt: skip  # 24 samples = 6 batches/epoch
     full = run_trainer(tmp_path / "full", *args)
-    part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp_path / 'part'}", *args]))
-    batches = part._batches()
-    for _ in range(3):
-        part.train_step(batches)
-    part.save()
-    resumed = run_trainer(tmp_path / "part", *args, "train.resume=auto")
+    resumed = stop_and_resume(tmp_path / "part", 3, *args)
     assert_same(final_weights(full), final_weights(resumed))
 
 
