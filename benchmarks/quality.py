@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-features", action="store_true", help="extract probe features under bf16 autocast")
     p.add_argument("--reuse", action="store_true", help="re-use a finished pretraining run found in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--replot", action="store_true", help="only rewrite quality.md / quality.png from quality.json"
     )
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
         return 0
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = args.models or list_models("*_tiny_*")

@@ -244,6 +244,18 @@ def test_attentive_probe_evaluates_with_batchnorm_running_stats():
         torch.testing.assert_close(single, probe(tokens[500:510].float()), rtol=1e-4, atol=1e-5)
 
 
+def test_attentive_probe_chooses_its_lr_on_held_out_data():
+    x, y = gaussian_classes(600, 3, 16, sep=1.5, seed=0)
+    tokens = x[:, None] + 0.5 * torch.randn(600, 5, 16)  # [N, T, D]
+    cfg = AttentiveProbeConfig(base_lrs=(3e-3, 1e-9), epochs=5, batch_size=50, val_fraction=0.2)
+    result = train_attentive_probe(tokens[:500], y[:500], tokens[500:], y[500:], config=cfg, num_heads=4)
+    # An lr of 1e-9 cannot move the probe off chance; the sweep must see that on the held-out tokens.
+    by_lr = {r["base_lr"]: r for r in result.per_lr}
+    assert by_lr[1e-9]["val_accuracy"] < 0.6 < by_lr[3e-3]["val_accuracy"]
+    assert result.best_base_lr == 3e-3 and result.accuracy == by_lr[3e-3]["test_accuracy"]
+    assert result.config["num_train"] == 400 and result.config["selected_on"] == "val"
+
+
 # ---------------------------------------------------------------- fine-tuning
 
 

@@ -65,12 +65,12 @@ class AttentiveProbe(nn.Module):
 @dataclass
 class AttentiveProbeConfig:
     num_heads: int | None = None  # None: the encoder's head count (or embed_dim // 64, at least 1)
-    base_lr: float = 1e-3  # lr = base_lr * batch / 256
+    base_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # lr = base_lr * batch / 256; one probe per lr
     weight_decay: float = 1e-4
     epochs: int = 20
     batch_size: int = 256
     warmup_epochs: int = 1
-    val_fraction: float = 0.0  # > 0: report the held-out accuracy too
+    val_fraction: float = 0.1  # of the training tokens, held out to choose the lr (0: choose on test)
     seed: int = 0
 
 
@@ -94,6 +94,49 @@ def _predict(probe: AttentiveProbe, tokens: torch.Tensor, batch_size: int = 512)
     )
 
 
+def _train_one(
+    tokens: torch.Tensor, labels: torch.Tensor, num_classes: int, num_heads: int, lr: float,
+    cfg: AttentiveProbeConfig, progress: bool,
+) -> AttentiveProbe:  # fmt: skip
+    """One probe trained with AdamW at peak `lr`, linear warmup then cosine; tokens [N, T, D], labels [N]."""
+    torch.manual_seed(cfg.seed)  # every lr starts from the same probe and sees the same batches
+    gen = torch.Generator().manual_seed(cfg.seed)
+    probe = AttentiveProbe(tokens.shape[-1], num_classes, num_heads)
+    decay = [p for n, p in probe.named_parameters() if p.ndim > 1 and n != "query"]
+    no_decay = [p for n, p in probe.named_parameters() if not (p.ndim > 1 and n != "query")]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+    batch = min(cfg.batch_size, len(tokens))
+    steps_per_epoch = len(tokens) // batch  # drop the last partial batch (BatchNorm needs > 1 sample)
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"attentive probe lr {lr:.2g}", leave=False)
+    step = 0
+    for _ in epochs:
+        probe.train()
+        perm = torch.randperm(len(tokens), generator=gen)
+        for i in range(steps_per_epoch):
+            scale = (
+                step / warmup
+                if step < warmup
+                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            )
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            idx = perm[i * batch : (i + 1) * batch]
+            loss = F.cross_entropy(probe(tokens[idx].float()), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return probe
+
+
 def train_attentive_probe(
     train_tokens: torch.Tensor,
     train_labels: torch.Tensor,
@@ -106,62 +149,42 @@ def train_attentive_probe(
 ) -> ProbeResult:
     """train_tokens [N, T, D] (any float dtype; fp16 caches are fine), labels [N]; test likewise.
 
-    AdamW with cosine schedule and linear warmup; `config.num_heads` overrides `num_heads`.
+    One probe per lr in `config.base_lrs` (as the linear probe does, no hand-tuning): each is trained on the
+    training tokens minus a held-out `val_fraction`, the lr with the best held-out accuracy is chosen (ties
+    to the smaller lr) and that probe's test accuracy is reported. `config.num_heads` overrides `num_heads`.
     """
     cfg = config or AttentiveProbeConfig()
+    if not cfg.base_lrs:
+        raise ValueError("AttentiveProbeConfig.base_lrs is empty; give at least one learning rate")
     y_all, y_test = train_labels.long(), test_labels.long()
     num_classes = num_classes or int(max(y_all.max(), y_test.max())) + 1
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     tr_idx, val_idx = split_train_val(len(train_tokens), cfg.val_fraction, cfg.seed)
-    D = train_tokens.shape[-1]
-    probe = AttentiveProbe(D, num_classes, cfg.num_heads or num_heads)
-    batch = min(cfg.batch_size, len(tr_idx))
-    lr = cfg.base_lr * batch / 256
-    decay = [p for n, p in probe.named_parameters() if p.ndim > 1 and n != "query"]
-    no_decay = [p for n, p in probe.named_parameters() if not (p.ndim > 1 and n != "query")]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-    )
-    steps_per_epoch = len(tr_idx) // batch
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    epochs = range(cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="attentive probe", leave=False)
-    step = 0
-    for _ in epochs:
-        probe.train()
-        perm = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
-        for i in range(steps_per_epoch):
-            scale = (
-                step / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
-            for g in opt.param_groups:
-                g["lr"] = lr * scale
-            idx = perm[i * batch : (i + 1) * batch]
-            loss = F.cross_entropy(probe(train_tokens[idx].float()), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-
-    preds = _predict(probe, test_tokens)
-    accuracy = float((preds == y_test).float().mean())
-    val_acc = None
-    if len(val_idx):
-        val_acc = float((_predict(probe, train_tokens[val_idx]) == y_all[val_idx]).float().mean())
+    tokens, labels = train_tokens[tr_idx], y_all[tr_idx]
+    heads = cfg.num_heads or num_heads
+    batch = min(cfg.batch_size, len(tokens))
+    runs = []
+    for base_lr in sorted(cfg.base_lrs):
+        lr = base_lr * batch / 256
+        probe = _train_one(tokens, labels, num_classes, heads, lr, cfg, progress)
+        preds = _predict(probe, test_tokens)
+        test_acc = float((preds == y_test).float().mean())
+        val_acc = (
+            float((_predict(probe, train_tokens[val_idx]) == y_all[val_idx]).float().mean())
+            if len(val_idx)
+            else test_acc  # no held-out data: selecting on test is optimistic; the config says so
+        )
+        runs.append({"base_lr": base_lr, "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc,
+                     "probe": probe, "predictions": preds})  # fmt: skip
+    best = max(runs, key=lambda r: r["val_accuracy"])  # max keeps the first (smallest lr) of equals
     result = ProbeResult(
-        accuracy=accuracy,
-        predictions=preds,
-        best_base_lr=cfg.base_lr,
-        best_lr=lr,
-        val_accuracy=val_acc,
-        config={**asdict(cfg), "num_heads": probe.num_heads, "num_train": len(tr_idx)},
+        accuracy=best["test_accuracy"],
+        predictions=best["predictions"],
+        best_base_lr=best["base_lr"],
+        best_lr=best["lr"],
+        val_accuracy=best["val_accuracy"] if len(val_idx) else None,
+        per_lr=[{k: v for k, v in r.items() if k not in ("probe", "predictions")} for r in runs],
+        config={**asdict(cfg), "num_heads": heads, "num_train": len(tr_idx),
+                "selected_on": "val" if len(val_idx) else "test"},  # fmt: skip
     )
-    result.model = probe  # for inspection (tests); not serialised
+    result.model = best["probe"]  # for inspection (tests); not serialised
     return result

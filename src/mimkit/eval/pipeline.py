@@ -265,7 +265,12 @@ def run_probe(
             progress,
         )
         preds, config = res.predictions, res.config
-        extra = {"best_lr": res.best_lr, "best_base_lr": res.best_base_lr, "val_accuracy": res.val_accuracy}
+        extra = {
+            "best_lr": res.best_lr,
+            "best_base_lr": res.best_base_lr,
+            "val_accuracy": res.val_accuracy,
+            "per_lr": res.per_lr,
+        }
     metrics = classification_metrics(preds, test["labels"], num_classes, names)
     return {
         "protocol": protocol,
