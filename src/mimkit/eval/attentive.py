@@ -183,8 +183,12 @@ def train_attentive_probe(
         best_lr=best["lr"],
         val_accuracy=best["val_accuracy"] if len(val_idx) else None,
         per_lr=[{k: v for k, v in r.items() if k not in ("probe", "predictions")} for r in runs],
-        config={**asdict(cfg), "num_heads": heads, "num_train": len(tr_idx),
-                "selected_on": "val" if len(val_idx) else "test"},  # fmt: skip
+        config={
+            **asdict(cfg),
+            "num_heads": heads,
+            "num_train": len(tr_idx),
+            "selected_on": "val" if len(val_idx) else "test",
+        },  # fmt: skip
     )
     result.model = best["probe"]  # for inspection (tests); not serialised
     return result
