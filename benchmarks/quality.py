@@ -5,7 +5,8 @@ then kNN, linear and attentive probes, against raw pixels and the same encoder a
     python benchmarks/quality.py --minutes 3 --models mae_vit_tiny_patch4_32 --max-train 5000 --max-test 2000
 
 Pretraining sees the Fashion-MNIST train split without labels (the trainer of mimkit.engine, the
-preset with in_chans=1, a short warmup and a cosine schedule fitted to the step count the budget allows).
+method's recipe in configs/*_tiny_fmnist.yaml for model, batch and optimizer, a 5% warmup and a cosine
+schedule fitted to the step count the budget allows).
 Probes train on labelled features of a seeded subset of the train split (--max-train) and report top-1
 on a seeded subset of the test split (--max-test). Writes into --out: quality.json, quality.md (the
 table) and quality.png (bar chart); pretraining runs and the feature cache stay in --out for re-use.
@@ -31,18 +32,42 @@ from mimkit.eval.pipeline import DataSpec, eval_datasets, load_eval_model, run_p
 PROTOCOLS = ("knn", "linear", "attentive")
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+
+
+def recipe(name: str) -> dict:
+    """The method's CPU recipe: the `configs/*_tiny_fmnist.yaml` whose model is `name` (pixel targets), else {}."""
+    from mimkit.engine.config import parse_yaml
+
+    for path in sorted(RECIPES.glob("*_tiny_fmnist.yaml")):
+        d = parse_yaml(path.read_text()) or {}
+        if d.get("model", {}).get("name") == name:
+            return d
+    return {}
+
+
 def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace) -> dict:
-    """Pretrain `name` on the unlabelled train split for `minutes` of wall time; returns run facts."""
+    """Pretrain `name` on the unlabelled train split for `minutes` of `args.clock` time; returns run facts.
+
+    Model, batch size and optimizer come from the method's recipe (`recipe`); --batch-size and --base-lr
+    override them; the schedule (5% warmup, then cosine) is refitted to the steps the budget allows."""
     from mimkit.engine.config import config_from_dict
     from mimkit.engine.trainer import Trainer
 
+    base = recipe(name)
     overrides = {"in_chans": 1} if "in_chans" in {f for f in model_config(name).__dataclass_fields__} else {}
+    optim = {k: v for k, v in base.get("optim", {}).items() if k not in ("warmup_epochs", "warmup_steps")}
+    optim |= {"warmup_steps": 100}  # refitted below
+    if args.base_lr is not None:
+        optim |= {"base_lr": args.base_lr, "lr": None}
+    optim.setdefault("base_lr", 1.5e-3)
+    batch_size = args.batch_size or base.get("data", {}).get("batch_size", 64)
     cfg = config_from_dict(
         {
-            "model": {"name": name, **overrides},
-            "data": {"source": "fashion_mnist", "split": "train", "batch_size": args.batch_size,
+            "model": {**overrides, **base.get("model", {}), "name": name},
+            "data": {"source": "fashion_mnist", "split": "train", "batch_size": batch_size,
                      "num_workers": args.num_workers},
-            "optim": {"base_lr": args.base_lr, "warmup_steps": 100, "weight_decay": 0.05},  # refit below
+            "optim": optim,
             "train": {"max_steps": 10**9, "precision": args.precision, "output_dir": str(out_dir),
                       "progress": False, "ckpt_every": 10**9, "log_every": 10**9, "seed": args.seed},
         }
@@ -79,6 +104,8 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
         "loss_first": losses[0],
         "loss_last": sum(losses[-10:]) / len(losses[-10:]),
         "peak_lr": trainer.peak_lr,
+        "batch_size": batch_size,
+        "optim": {k: v for k, v in optim.items() if k != "warmup_steps"},
     }
     print(f"[quality] {name}: {facts['steps']} steps ({facts['epochs']:.2f} epochs) in {seconds:.0f} {args.clock} s ({wall:.0f} s wall), "
           f"loss {facts['loss_first']:.4f} -> {facts['loss_last']:.4f}", flush=True)  # fmt: skip
@@ -140,7 +167,8 @@ def table(results: dict) -> str:
             f"| {name} | random init | " + " | ".join(pct(r["random_init"].get(k)) for k in PROTOCOLS) + " |"
         )
         rows.append(
-            f"| {name} | {p['seconds'] / 60:.1f} {p.get('clock', 'wall')}-min, {p['steps']} steps ({p['epochs']:.2f} ep) | "
+            f"| {name} | {p['seconds'] / 60:.1f} {p.get('clock', 'wall')}-min, {p['steps']} steps of "
+            f"{p.get('batch_size', '?')} ({p['epochs']:.2f} ep), peak lr {p['peak_lr']:.2g} | "
             + " | ".join(pct(r["pretrained"].get(k)) for k in PROTOCOLS)
             + " |"
         )
@@ -195,10 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-train", type=int, default=10000, help="labelled train images for probes / kNN memory"
     )
     p.add_argument("--max-test", type=int, default=10000, help="test images evaluated")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--base-lr", type=float, default=1.5e-3, help="pretraining base lr (short budgets want more)"
-    )
+    p.add_argument("--batch-size", type=int, default=None, help="pretraining batch (default: the recipe's)")
+    p.add_argument("--base-lr", type=float, default=None, help="pretraining base lr (default: the recipe's)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--num-workers", type=int, default=0, help="0: data loading counts in the CPU budget")
     p.add_argument("--linear-epochs", type=int, default=30)
