@@ -78,14 +78,18 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         start, wall_start = clock(), time.perf_counter()
         budget = 60.0 * minutes
-        # Calibrate: time a few steps (after a first, warm-up one), then fit the schedule (5% warmup, then
-        # cosine) to the number of steps the budget allows. The warmup of 100 steps keeps these at a low lr.
+        # The cosine schedule needs its length in advance: time the steps of the first 3% of the budget
+        # (after one warm-up step; the provisional 100-step warmup keeps them at a low lr), fit the schedule
+        # (5% warmup, then cosine) to the steps the budget allows, and fit it again at 25% of the budget,
+        # when the step time has settled (short calibrations misjudged it by up to 2x).
         losses = [trainer.train_step(batches)["loss"]]
-        t0 = clock()
-        losses += [trainer.train_step(batches)["loss"] for _ in range(3)]
-        per_step = (clock() - t0) / 3
-        total = max(10, int((budget - (clock() - start)) / per_step) + trainer.step)
-        trainer.total_steps, trainer.warmup_steps = total, max(1, total // 20)
+        for fraction in (0.03, 0.25):
+            t0, s0 = clock(), trainer.step
+            while trainer.step - s0 < 3 or clock() - start < fraction * budget:
+                losses.append(trainer.train_step(batches)["loss"])
+            per_step = (clock() - t0) / (trainer.step - s0)
+            total = max(10, trainer.step + int((budget - (clock() - start)) / per_step))
+            trainer.total_steps, trainer.warmup_steps = total, max(1, total // 20)
         while trainer.step < trainer.total_steps and clock() - start < budget:
             losses.append(trainer.train_step(batches)["loss"])
         seconds, wall = clock() - start, time.perf_counter() - wall_start
