@@ -185,15 +185,21 @@ def bar_chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [("raw pixels", results["pixels"])]
-    for name, r in results["models"].items():
+    # one colour per method: random init light and hatched, pretrained dark; raw pixels grey
+    series = [("raw pixels", results["pixels"], "0.55", "")]
+    for i, (name, r) in enumerate(results["models"].items()):
+        dark, light = plt.cm.tab20(2 * i), plt.cm.tab20(2 * i + 1)
         short = name.split("_")[0]
-        series += [(f"{short} random init", r["random_init"]), (f"{short} pretrained", r["pretrained"])]
+        series += [(f"{short} random init", r["random_init"], light, "//"),
+                   (f"{short} pretrained", r["pretrained"], dark, "")]  # fmt: skip
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(9.5, 4), dpi=120)
-    for i, (label, vals) in enumerate(series):
+    shown = []
+    for i, (label, vals, color, hatch) in enumerate(series):
         done = [(j, 100 * vals[p]) for j, p in enumerate(PROTOCOLS) if vals.get(p) is not None]
-        bars = ax.bar([j + i * width for j, _ in done], [v for _, v in done], width, label=label)
+        shown += [v for _, v in done]
+        bars = ax.bar([j + i * width for j, _ in done], [v for _, v in done], width, label=label,
+                      color=color, hatch=hatch, edgecolor="white", linewidth=0)  # fmt: skip
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PROTOCOLS))], PROTOCOLS)
     ax.set_ylabel("Fashion-MNIST test top-1 (%)")
@@ -203,7 +209,7 @@ def bar_chart(results: dict, path: Path) -> None:
         f"{s['max_test']} test images",
         fontsize=9,
     )
-    ax.set_ylim(0, 100)
+    ax.set_ylim(max(0, 10 * (min(shown) // 10) - 10), min(100, max(shown) + 5))  # the differences
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
