@@ -80,10 +80,11 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
         budget = 60.0 * minutes
         # The cosine schedule needs its length in advance: time the steps of the first 3% of the budget
         # (after one warm-up step; the provisional 100-step warmup keeps them at a low lr), fit the schedule
-        # (5% warmup, then cosine) to the steps the budget allows, and fit it again at 25% of the budget,
-        # when the step time has settled (short calibrations misjudged it by up to 2x).
+        # (5% warmup, then cosine) to the steps the budget allows, and fit it again at 25%, 50% and 75% of the
+        # budget from the steps since the last fit: one short calibration misjudged a run by up to 2x when
+        # the machine's load changed.
         losses = [trainer.train_step(batches)["loss"]]
-        for fraction in (0.03, 0.25):
+        for fraction in (0.03, 0.25, 0.5, 0.75):
             t0, s0 = clock(), trainer.step
             while trainer.step - s0 < 3 or clock() - start < fraction * budget:
                 losses.append(trainer.train_step(batches)["loss"])
