@@ -1,6 +1,6 @@
 """Does bf16 autocast training track fp32? Each tiny preset on Fashion-MNIST, both precisions, same seed.
 
-    python benchmarks/bf16_numerics.py                              # MAE, CAE, ConvMAE tiny, 300 steps each
+    python benchmarks/bf16_numerics.py                              # every tiny preset, 300 steps each
     python benchmarks/bf16_numerics.py --models mae_vit_tiny_patch4_32 --steps 600 --out runs/bf16
 
 Both runs of a preset see the same initial weights, batches and masks (the trainer's seeding), so the loss
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mimkit import list_models
 
 
 def train(name: str, precision: str, args: argparse.Namespace, out_dir: Path) -> dict:
@@ -106,11 +108,7 @@ def plot(results: dict, window: int, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--models",
-        nargs="+",
-        default=["mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32", "convmae_tiny_patch8_64"],
-    )
+    p.add_argument("--models", nargs="+", help="presets (default: every *_tiny_* preset registered)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--base-lr", type=float, default=1.5e-3)
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.models:
+    for name in args.models or list_models("*_tiny_*"):
         r = {prec: train(name, prec, args, out / f"{name}_{prec}") for prec in ("fp32", "bf16")}
         r["gap"] = compare(r["fp32"]["loss"], r["bf16"]["loss"], args.window)
         results[name] = r
