@@ -40,7 +40,7 @@ def train(name: str, precision: str, args: argparse.Namespace, out_dir: Path) ->
     )  # fmt: skip
     trainer = Trainer(cfg)
     try:
-        batches, losses = trainer._batches(), []
+        batches, losses = trainer.batches(), []
         start = time.perf_counter()
         while trainer.step < trainer.total_steps:
             losses.append(trainer.train_step(batches)["loss"])

@@ -19,12 +19,14 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from mimkit import list_models, model_config
 from mimkit.eval.attentive import AttentiveProbeConfig
+from mimkit.eval.features import cache_key
 from mimkit.eval.knn import knn_classify
 from mimkit.eval.linear import LinearProbeConfig, train_linear_probe
 from mimkit.eval.pipeline import DataSpec, eval_datasets, load_eval_model, run_probe
@@ -74,7 +76,7 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
     )  # fmt: skip
     trainer = Trainer(cfg)
     try:
-        batches = trainer._batches()
+        batches = trainer.batches()
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         start, wall_start = clock(), time.perf_counter()
         budget = 60.0 * minutes
@@ -110,6 +112,7 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
         "loss_last": sum(losses[-10:]) / len(losses[-10:]),
         "peak_lr": trainer.peak_lr,
         "batch_size": batch_size,
+        "model": {k: v for k, v in base.get("model", {}).items() if k not in ("name", "in_chans")},
         "optim": {k: v for k, v in optim.items() if k != "warmup_steps"},
     }
     print(f"[quality] {name}: {facts['steps']} steps ({facts['epochs']:.2f} epochs) in {seconds:.0f} {args.clock} s ({wall:.0f} s wall), "
@@ -143,6 +146,15 @@ def evaluate(
     checkpoint: str, random_init: bool, spec: DataSpec, cache: Path, args: argparse.Namespace
 ) -> dict:
     model, key = load_eval_model(checkpoint, "" if random_init else None, seed=args.seed)
+    # a seeded random init gives the same figures every run: keep them beside the feature cache
+    settings = {k: getattr(args, k) for k in ("linear_epochs", "attentive_epochs", "bf16_features", "seed")}
+    settings |= {"model": key, "data": asdict(spec), "torch": torch.__version__}
+    saved = cache / f"random-init-{cache_key(**settings)}.json"
+    if random_init and saved.is_file():
+        out = json.loads(saved.read_text())
+        print(f"[quality]   random init: re-using {saved.name}: " + ", ".join(
+            f"{k} {100 * out[k]:.2f}%" for k in PROTOCOLS), flush=True)  # fmt: skip
+        return out
     out = {}
     for protocol in ("attentive", "knn", "linear"):  # attentive first: its token cache serves the other two
         res = run_probe(
@@ -155,6 +167,9 @@ def evaluate(
             out["linear_best_base_lr"] = res["best_base_lr"]
         print(f"[quality]   {'random init' if random_init else 'pretrained'} {protocol}: {100 * res['accuracy']:.2f}% "
               f"({res['seconds']:.0f} s)", flush=True)  # fmt: skip
+    if random_init:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(out) + "\n")
     return out
 
 
@@ -168,6 +183,7 @@ def table(results: dict) -> str:
     rows.append(f"| raw pixels ({px['dims']} dims) | none | {pct(px['knn'])} | {pct(px['linear'])} | — |")
     for name, r in results["models"].items():
         p = r["pretrain"]
+        name += "".join(f", {k}={v}" for k, v in p.get("model", {}).items())  # the recipe's changes
         rows.append(
             f"| {name} | random init | " + " | ".join(pct(r["random_init"].get(k)) for k in PROTOCOLS) + " |"
         )

@@ -34,7 +34,7 @@ def run_trainer(tmp: Path, *overrides: str) -> Trainer:
 def stop_and_resume(tmp: Path, stop_after: int, *overrides: str) -> Trainer:
     """Train `stop_after` steps, checkpoint, then finish the run from that checkpoint in a new Trainer."""
     part = Trainer(load_config(None, MICRO + [f"train.output_dir={tmp}", *overrides]))
-    batches = part._batches()
+    batches = part.batches()
     for _ in range(stop_after):
         part.train_step(batches)
     part.save()

@@ -203,8 +203,11 @@ class Trainer:
         return path
 
     # ---------------------------------------------------------------- loop
-    def _batches(self):
-        """Micro-batches forever, starting at `micro_done`; epochs advance the sampler and the augmentations."""
+    def batches(self):
+        """Micro-batches forever, starting at `micro_done`; epochs advance the sampler and the augmentations.
+
+        For loops of your own (a time budget, a custom schedule): `b = trainer.batches()`, then
+        `trainer.train_step(b)` as often as you like, `trainer.save()` at the end."""
         epoch, skip = divmod(self.micro_done, self.micro_per_epoch)
         while True:
             self.sampler.set_epoch(epoch)
@@ -284,7 +287,7 @@ class Trainer:
             f"matmul ceiling {self.ceiling / 1e9:.0f} GFLOP/s"
         )
         self.train_model.train()
-        batches = self._batches()
+        batches = self.batches()
         bar = progress_bar(self.total_steps, self.step, enabled=self.dist.is_main and cfg.train.progress)
         stats: dict[str, float] = {}
         window_start, window_images = time.perf_counter(), 0
