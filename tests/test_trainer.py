@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -242,3 +243,25 @@ def test_online_probe_logs_accuracy_without_touching_pretraining(tmp_path):
     assert '"probe_acc"' in (tmp_path / "probed" / "metrics.jsonl").read_text()
     # the probe sees detached features: the pretrained weights are exactly those of the run without it
     assert_same(final_weights(plain), final_weights(probed))
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_recipe_loads_and_the_cpu_ones_train_a_step(recipe, tmp_path):
+    cfg = load_config(recipe)  # validates keys, the model name and the model's options
+    assert cfg.model_name.split("_")[0] in recipe.name
+    if "tiny" not in cfg.model_name:
+        return  # ImageNet-sized models: validated, not built
+    small = ["data.source=synthetic", "data.num_samples=8", "data.batch_size=4", "data.num_workers=0",
+             "train.max_steps=1", "train.progress=false", f"train.output_dir={tmp_path}"]  # fmt: skip
+    if cfg.model.get("tokenizer_path"):  # a token-target recipe: stand in a small untrained tokenizer
+        from mimkit.tokenizers import save_tokenizer
+        from mimkit.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+
+        tok = VQTokenizer(
+            VQTokenizerConfig(in_chans=1, patch_size=4, hidden_dim=8, code_dim=8, codebook_size=16)
+        )
+        small.append(f"model.tokenizer_path={save_tokenizer(tok, tmp_path / 'tok.safetensors')}")
+    trainer = Trainer(load_config(recipe, small))
+    assert math.isfinite(trainer.fit()["loss"])
