@@ -256,12 +256,10 @@ def test_every_shipped_recipe_loads_and_the_cpu_ones_train_a_step(recipe, tmp_pa
     small = ["data.source=synthetic", "data.num_samples=8", "data.batch_size=4", "data.num_workers=0",
              "train.max_steps=1", "train.progress=false", f"train.output_dir={tmp_path}"]  # fmt: skip
     if cfg.model.get("tokenizer_path"):  # a token-target recipe: stand in a small untrained tokenizer
-        from mimkit.tokenizers import save_tokenizer
-        from mimkit.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+        from test_tokenizer import small_vq
 
-        tok = VQTokenizer(
-            VQTokenizerConfig(in_chans=1, patch_size=4, hidden_dim=8, code_dim=8, codebook_size=16)
-        )
-        small.append(f"model.tokenizer_path={save_tokenizer(tok, tmp_path / 'tok.safetensors')}")
+        from mimkit.tokenizers import save_tokenizer
+
+        small.append(f"model.tokenizer_path={save_tokenizer(small_vq(), tmp_path / 'tok.safetensors')}")
     trainer = Trainer(load_config(recipe, small))
     assert math.isfinite(trainer.fit()["loss"])
