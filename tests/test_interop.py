@@ -51,7 +51,13 @@ def test_export_hf_directory_loads_in_transformers_and_matches(tmp_path):
     model = _mae(norm_pix_loss=True)
     save_model(model, tmp_path / "ckpt.pt")
     out = export_hf(tmp_path / "ckpt.pt", tmp_path / "hf")
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [
+        "README.md", "config.json", "mimkit.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip
+    processor = transformers.AutoImageProcessor.from_pretrained(out)  # the preprocessing travels along
+    assert processor.size == {"shortest_edge": 32} and processor.crop_pct == 1.0
+    assert tuple(processor.image_mean) == pytest.approx((0.485, 0.456, 0.406))
+    assert "mae" in (out / "README.md").read_text().lower()
 
     enc, info = transformers.ViTMAEModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"]  # (the decoder's tensors are reported unexpected, as for released ones)

@@ -1,8 +1,9 @@
-"""`mimkit finetune --checkpoint run/checkpoint.pt --data fashion_mnist [--blocks k] --out DIR`"""
+"""`mimkit finetune --checkpoint run/checkpoint.pt [--data SOURCE --data-path DIR] [--blocks k] [--out DIR]`"""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from .probe import add_data_args, add_model_args, data_spec, default_out
 
@@ -14,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fine-tuning (SPEC §6): mean-pooled tokens + fresh LayerNorm + Linear head; AdamW with "
         "layer-wise lr decay, drop-path, Mixup/CutMix, RandAugment, label smoothing. --blocks k trains only the "
         "last k blocks and the head (k = 0: a linear probe on pooled tokens). Writes result.json, result.txt, "
-        "result_confusion.png and the fine-tuned classifier weights into --out.",
+        "result_confusion.png and classifier.pt (load it with mimkit.load) into --out. The data defaults to the data the "
+        "checkpoint was trained on; folders are split as by `mimkit probe`.",
     )
     add_model_args(p)
     add_data_args(p)
@@ -43,11 +45,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..data import build_dataset, default_mean_std
+    from ..data import default_mean_std
     from ..engine.checkpoint import atomic_save
     from ..eval.finetune import FinetuneClassifier, FinetuneConfig, finetune, finetune_transform
-    from ..eval.pipeline import Transformed, eval_datasets, load_eval_model, model_geometry
+    from ..eval.pipeline import (
+        Transformed,
+        data_record,
+        data_warnings,
+        eval_splits,
+        labelled_data,
+        load_eval_model,
+        model_display_name,
+        model_geometry,
+    )
     from ..eval.report import classification_metrics, write_results
+    from ..interop.loading import CLASSIFIER_FORMAT, preprocessing
 
     cfg = FinetuneConfig(
         epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr, weight_decay=args.weight_decay,
@@ -60,13 +72,11 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.random_init, drop_path_rate=cfg.drop_path_rate, seed=args.seed
     )
     spec = data_spec(args)
-    _, test, names, num_classes = eval_datasets(model, spec)  # test split: deterministic eval transform
+    _, test, names, num_classes, how = eval_splits(model, spec)  # test split: deterministic eval transform
     img_size, in_chans = model_geometry(model)
-    mean, std = default_mean_std(spec.source, in_chans)
-    train_base = build_dataset(
-        spec.source, spec.path, split=spec.train_split, num_samples=spec.max_train, img_size=img_size,
-        in_chans=in_chans, seed=spec.seed,
-    )  # fmt: skip
+    default_mean, default_std = default_mean_std(spec.source, in_chans)
+    mean, std = spec.mean or default_mean, spec.std or default_std
+    train_base = labelled_data(spec, img_size, in_chans)[0]  # the same split, augmented for training
     train = Transformed(train_base, finetune_transform(img_size, in_chans, mean, std, cfg))
     classifier = FinetuneClassifier(model, num_classes)
     out_dir = default_out(args, "finetune" if args.blocks is None else f"finetune_blocks{args.blocks}")
@@ -76,9 +86,11 @@ def run(args: argparse.Namespace) -> int:
     metrics = classification_metrics(res["predictions"], res["labels"], num_classes, names)
     result = {
         "protocol": "finetune" if args.blocks is None else f"partial finetune (last {args.blocks} blocks)",
-        "model": model_key.get("model"),
+        "model": model_display_name(model, model_key),
         "model_key": model_key,
-        "data": dataclasses.asdict(spec),
+        "data": data_record(spec, how),
+        "split": how,
+        "warnings": data_warnings(how, num_classes, "finetune"),
         "num_train": len(train),
         **metrics,
         "history": res["history"],
@@ -87,10 +99,23 @@ def run(args: argparse.Namespace) -> int:
         "seconds": res["seconds"],
     }
     paths = write_results(result, out_dir)
-    atomic_save({"format": "mimkit-classifier/1", "model_key": str(model_key), "model": classifier.state_dict()},
-                out_dir / "classifier.pt")  # fmt: skip
+    model_config = dataclasses.asdict(model.config)
+    classifier_file = {
+        "format": CLASSIFIER_FORMAT,
+        "model_name": model_key.get("model"),
+        "model_config": model_config,
+        "num_classes": num_classes,
+        "class_names": names,
+        "preprocessing": preprocessing(model_config, {"source": spec.source, "mean": mean, "std": std}),
+        "model_key": json.dumps(model_key, default=str),
+        "accuracy": result["accuracy"],
+        "model": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
+    }
+    atomic_save(classifier_file, out_dir / "classifier.pt")
     print(paths["summary"].read_text(), end="")
     print(
         f"[mimkit] wrote {paths['json']}, {paths['summary']}, {paths['confusion']} and {out_dir / 'classifier.pt'}"
+        f"\n[mimkit] load the classifier with mimkit.load({str(out_dir / 'classifier.pt')!r}); export it with "
+        f"`mimkit export --format safetensors --checkpoint {out_dir / 'classifier.pt'} --out classifier`"
     )
     return 0

@@ -1,4 +1,4 @@
-"""`mimkit probe knn|linear|attentive --checkpoint run/checkpoint.pt --data fashion_mnist --out DIR`"""
+"""`mimkit probe knn|linear|attentive --checkpoint run/checkpoint.pt [--data SOURCE --data-path DIR] [--out DIR]`"""
 
 from __future__ import annotations
 
@@ -9,13 +9,25 @@ QUICK_TRAIN, QUICK_TEST = 2000, 500
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data", default="fashion_mnist", help="data source: fashion_mnist, folder, synthetic, cifar10"
+        "--data",
+        default=None,
+        help="data source: folder, fashion_mnist, synthetic, cifar10 (default: the data the checkpoint was "
+        "trained on, from its config; fashion_mnist when it records none)",
     )
     p.add_argument(
-        "--data-path", help="folder of the data (for 'folder': class subfolders, optionally train/ test/)"
+        "--data-path",
+        help="folder of the data (default: the checkpoint's data.path). A folder needs class subfolders "
+        "(DIR/<class>/*.jpg); DIR/train/ and DIR/test/ are used when both exist, otherwise a seeded, "
+        "stratified share of each class (--test-fraction) is held out for testing",
     )
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--test-split", default="test")
+    p.add_argument("--train-split", default="train", help="train subfolder / split name")
+    p.add_argument("--test-split", default="test", help="test subfolder / split name")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="folders without train/ and test/: share of each class held out for testing (seeded by --seed)",
+    )
     p.add_argument("--max-train", type=int, help="use a random subset of this many training images")
     p.add_argument("--max-test", type=int, help="use a random subset of this many test images")
     p.add_argument("--batch-size", type=int, default=256)
@@ -25,7 +37,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="a mimkit checkpoint (from `mimkit pretrain` or `mimkit import`)")
+    p.add_argument(
+        "--checkpoint",
+        help="what to evaluate: checkpoint.pt, encoder.safetensors, an export (timm / hf / safetensors) or a "
+        "fine-tuned classifier.pt (anything mimkit.load reads)",
+    )
     p.add_argument(
         "--random-init",
         nargs="?",
@@ -48,7 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate a frozen encoder: kNN, linear probe or attentive probe",
         description="Frozen-encoder evaluation. Features are computed once and cached in --cache-dir; the "
         "linear probe trains many learning rates at once and reports the one chosen on held-out training data. "
-        "Writes result.json, result.txt and result_confusion.png into --out.",
+        "Writes result.json, result.txt and result_confusion.png into --out. The data defaults to the data "
+        "the checkpoint was trained on.",
+        epilog="examples:\n"
+        "  mimkit probe knn --checkpoint runs/photos/checkpoint.pt          # the folder it was trained on\n"
+        "  mimkit probe linear --checkpoint runs/photos/encoder.safetensors --data folder --data-path photos/\n"
+        "  mimkit probe knn --checkpoint runs/photos/checkpoint.pt --random-init   # the baseline to beat",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("protocol", choices=["knn", "linear", "attentive"])
     add_model_args(p)
@@ -82,15 +104,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def trained_data(checkpoint) -> dict:
+    """The `data` section of the training config stored with (or beside) a checkpoint, or {}."""
+    if not checkpoint:
+        return {}
+    from ..interop.loading import read_weights
+
+    return dict((read_weights(checkpoint).meta.get("config") or {}).get("data") or {})
+
+
 def data_spec(args: argparse.Namespace):
+    """The evaluation data: --data / --data-path, defaulting to what the checkpoint was trained on."""
     from ..eval.pipeline import DataSpec
 
+    trained = trained_data(getattr(args, "checkpoint", None))
+    source = args.data or trained.get("source")
+    if source in (None, "shards"):
+        if source == "shards":
+            print("[mimkit] the checkpoint was trained on shards, which hold no labelled splits")
+        source = "fashion_mnist"
+        print("[mimkit] evaluating on fashion_mnist (pass --data and --data-path to choose the data)")
+    same = source == trained.get("source")
+    path = args.data_path or (trained.get("path") if same else None)
     max_train, max_test = args.max_train, args.max_test
     if getattr(args, "quick", False):
         max_train, max_test = max_train or QUICK_TRAIN, max_test or QUICK_TEST
     return DataSpec(
-        source=args.data, path=args.data_path, train_split=args.train_split, test_split=args.test_split,
+        source=source, path=path, train_split=args.train_split, test_split=args.test_split,
         max_train=max_train, max_test=max_test, seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers,
+        test_fraction=args.test_fraction,
+        mean=tuple(trained["mean"]) if same and trained.get("mean") else None,
+        std=tuple(trained["std"]) if same and trained.get("std") else None,
     )  # fmt: skip
 
 
@@ -129,5 +173,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     paths = write_results(result, out)
     print(paths["summary"].read_text(), end="")
+    if args.random_init is None and args.checkpoint:
+        print("[mimkit] for the random-init baseline, run the same command with --random-init added")
     print(f"[mimkit] wrote {paths['json']}, {paths['summary']} and {paths['confusion']}")
     return 0

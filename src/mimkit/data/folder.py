@@ -1,11 +1,19 @@
-"""Any folder of images, scanned recursively; class subfolders optional; bad files skipped, never fatal."""
+"""Any folder of images, scanned recursively; class subfolders optional; bad files skipped, never fatal.
+
+Pretraining uses every image. Labelled work (probes, fine-tuning) uses `labelled_splits`: the folder's own
+`train/` and `test/` when both exist, otherwise a seeded, stratified hold-out of the class folders; images
+outside class folders are skipped there and counted.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +22,9 @@ from PIL import Image, ImageOps
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 _MODES = {1: "L", 3: "RGB"}
+
+# Where the folder is given, command by command (pretrain takes config keys, the other commands flags).
+PATH_HINT = "`mimkit pretrain ... data.path=DIR`, or --data-path DIR for probe / finetune / visualize"
 
 
 def mode_for_channels(in_chans: int) -> str:
@@ -81,28 +92,54 @@ class ImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike, in_chans: int = 3, extensions: Iterable[str] = IMG_EXTENSIONS
+        self,
+        root: str | os.PathLike,
+        in_chans: int = 3,
+        extensions: Iterable[str] = IMG_EXTENSIONS,
+        classes: Sequence[str] | None = None,
     ):
+        """classes: fix the class list (and so the label of each folder name), e.g. to give a test folder
+        the labels of its train folder; a subfolder not in the list is refused."""
         self.root = Path(root).expanduser()
         self.mode = mode_for_channels(in_chans)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"image folder {str(self.root)!r} does not exist or is not a directory; "
-                "pass the folder that holds your images (e.g. --data-path /path/to/images)"
+                f"pass the folder that holds your images ({PATH_HINT})"
             )
         found = _scan(self.root, self.extensions)
         if not found:
             raise FileNotFoundError(
                 f"no images found under {str(self.root)!r} (searched recursively for files ending in "
                 f"{', '.join(self.extensions)}, case-insensitive; hidden files skipped); "
-                "point --data-path at a folder of images"
+                f"point the data path at a folder of images ({PATH_HINT})"
             )
-        self.classes: list[str] = sorted({top for _, top in found if top})
+        found_classes = sorted({top for _, top in found if top})
+        self.classes: list[str] = list(classes) if classes is not None else found_classes
+        unknown = sorted(set(found_classes) - set(self.classes))
+        if unknown:
+            raise ValueError(
+                f"{str(self.root)!r} has class folder(s) {unknown} that are not among the classes "
+                f"{self.classes}; give both folders the same class subfolders"
+            )
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = [(p, index[top] if top else -1) for p, top in found]
         self.num_classes = len(self.classes)
         self._bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # [N]
+
+    @property
+    def num_unlabelled(self) -> int:
+        """Images directly in `root` (outside any class folder): label -1."""
+        return sum(1 for _, label in self.samples if label < 0)
+
+    def subset(self, indices: Iterable[int]) -> ImageFolder:
+        """The same folder restricted to `indices` (in that order); a bad file is replaced by a neighbour
+        from the subset, never from outside it (a test image is never swapped for a training image)."""
+        view = copy.copy(self)
+        view.samples = [self.samples[i] for i in indices]
+        view._bad = torch.zeros(len(view.samples), dtype=torch.bool).share_memory_()
+        return view
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -148,3 +185,117 @@ class ImageFolder(torch.utils.data.Dataset):
             f"ImageFolder({str(self.root)!r}, mode={self.mode}, samples={len(self)}, "
             f"classes={self.num_classes}, bad={self.num_bad})"
         )
+
+
+DEFAULT_TEST_FRACTION = 0.2
+
+
+def stratified_holdout(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, test indices): per class, round(n * test_fraction) images (at least 1, at most n - 1)
+    drawn with a generator seeded by `seed`; negative labels are left out of both. Sorted."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        if label >= 0:
+            by_class.setdefault(int(label), []).append(i)
+    gen = torch.Generator().manual_seed(seed)
+    train: list[int] = []
+    test: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        n_test = min(len(members) - 1, max(1, math.floor(len(members) * test_fraction + 0.5)))
+        order = torch.randperm(len(members), generator=gen).tolist()
+        test += [members[j] for j in order[:n_test]]
+        train += [members[j] for j in order[n_test:]]
+    return sorted(train), sorted(test)
+
+
+def _random_subset(folder: ImageFolder, limit: int | None, seed: int) -> ImageFolder:
+    if limit is None or limit >= len(folder):
+        return folder
+    keep = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:limit]
+    return folder.subset(sorted(keep.tolist()))
+
+
+def labelled_splits(
+    root: str | os.PathLike,
+    in_chans: int = 3,
+    train_split: str = "train",
+    test_split: str = "test",
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> tuple[ImageFolder, ImageFolder, dict[str, Any]]:
+    """(train, test, how) for labelled evaluation of a folder; neither split holds an unlabelled image.
+
+    - `root/<train_split>/` and `root/<test_split>/` both exist: they are the splits (the test folder gets
+      the train folder's class list, so a class missing from test keeps its label).
+    - otherwise: a stratified hold-out of `root`'s class folders, `test_fraction` of each class (at least
+      one image) for testing, drawn with `seed`. A class with a single image cannot be split: refused,
+      with the fix.
+
+    Images outside class folders (label -1) are skipped and counted in `how["skipped_unlabelled"]`; `how`
+    also says which folders or which hold-out (size, fraction, seed) were used. max_*: seeded subsets.
+    """
+    root = Path(root).expanduser()
+    train_dir, test_dir = root / train_split, root / test_split
+    if train_split and test_split and train_dir.is_dir() and test_dir.is_dir():
+        train = ImageFolder(train_dir, in_chans)
+        test = ImageFolder(test_dir, in_chans, classes=train.classes)
+        skipped = train.num_unlabelled + test.num_unlabelled
+        how: dict[str, Any] = {"kind": "folders", "train": str(train_dir), "test": str(test_dir)}
+        train = train.subset(i for i, (_, y) in enumerate(train.samples) if y >= 0)
+        test = test.subset(i for i, (_, y) in enumerate(test.samples) if y >= 0)
+    else:
+        full = ImageFolder(root, in_chans)
+        skipped = full.num_unlabelled
+        if not full.classes:
+            raise ValueError(
+                f"{str(root)!r} has no class subfolders, so there are no labels to evaluate with; put the "
+                f"images of each class in a subfolder ({root}/<class>/*.jpg), or {root}/{train_split}/<class>/ "
+                f"and {root}/{test_split}/<class>/"
+            )
+        labels = [y for _, y in full.samples]
+        counts = {name: labels.count(c) for c, name in enumerate(full.classes)}
+        too_few = sorted(name for name, n in counts.items() if n < 2)
+        if too_few:
+            raise ValueError(
+                f"class folder(s) {too_few} of {str(root)!r} hold fewer than 2 images; a held-out test split "
+                "needs at least 2 per class (one to train on, one to test). Add images to those folders, "
+                f"remove them, or split the data yourself into {root}/{train_split}/<class>/ and "
+                f"{root}/{test_split}/<class>/"
+            )
+        train_idx, test_idx = stratified_holdout(labels, test_fraction, seed)
+        train, test = full.subset(train_idx), full.subset(test_idx)
+        how = {"kind": "holdout", "test_fraction": test_fraction, "seed": seed, "stratified": True}
+    train = _random_subset(train, max_train, seed)
+    test = _random_subset(test, max_test, seed + 1)
+    how.update(num_train=len(train), num_test=len(test), skipped_unlabelled=skipped)
+    if not len(train) or not len(test):
+        raise ValueError(
+            f"the labelled splits of {str(root)!r} hold {len(train)} training and {len(test)} test images; "
+            "both need class subfolders with images"
+        )
+    return train, test, how
+
+
+def describe_split(how: dict[str, Any]) -> str:
+    """One line for summaries: which images were trained on and which were tested on."""
+    if how.get("kind") == "holdout":
+        text = (
+            f"held-out test split: {how['num_test']} of {how['num_train'] + how['num_test']} labelled images "
+            f"({100 * how['test_fraction']:.0f}% of each class, seed {how['seed']}); "
+            f"{how['num_train']} to train on"
+        )
+    elif how.get("kind") == "folders":
+        text = f"train: {how['train']} ({how['num_train']} images), test: {how['test']} ({how['num_test']} images)"
+    else:
+        text = (
+            f"train split {how.get('train_split')!r} ({how.get('num_train')} images), test split "
+            f"{how.get('test_split')!r} ({how.get('num_test')} images)"
+        )
+    if how.get("skipped_unlabelled"):
+        text += f"; {how['skipped_unlabelled']} image(s) outside class folders skipped"
+    return text

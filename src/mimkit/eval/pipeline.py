@@ -40,6 +40,7 @@ class DataSpec:
     max_train: int | None = None
     max_test: int | None = None
     seed: int = 0
+    test_fraction: float = 0.2  # folders without train/ and test/: the stratified hold-out's share
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     batch_size: int = 256
@@ -71,6 +72,17 @@ def model_geometry(model: nn.Module) -> tuple[Any, int]:
     return encoder.patch_embed.img_size, encoder.in_chans
 
 
+def model_display_name(model: nn.Module, model_key: dict) -> str:
+    """The name for results: the preset's name rewritten for the config actually built (see display_name)."""
+    from ..interop.loading import display_name
+
+    name = model_key.get("model")
+    config = getattr(model, "config", None)
+    if name is None or config is None or not dataclasses.is_dataclass(config):
+        return str(name)
+    return display_name(name, dataclasses.asdict(config))
+
+
 def load_eval_model(
     checkpoint: str | os.PathLike | None = None,
     random_init: str | None = None,
@@ -80,26 +92,24 @@ def load_eval_model(
 ) -> tuple[nn.Module, dict]:
     """The model to evaluate and a JSON-able key that identifies it (for the feature cache and results).
 
-    checkpoint only: the pretrained model. random_init=NAME: `create_model(NAME)` at random init (seeded);
+    checkpoint only: the pretrained model, from any file `mimkit.load` reads (checkpoint.pt,
+    encoder.safetensors, exports, classifier.pt: the encoder weights are what probes use). random_init=NAME: `create_model(NAME)` at random init (seeded);
     random_init="" with a checkpoint: the checkpoint's architecture at random init (the fair baseline).
     drop_path_rate (fine-tuning) rebuilds the model with that rate before loading the weights.
     """
-    from ..engine.checkpoint import load_checkpoint
+    from ..interop.loading import build_method_model, read_weights
     from ..registry import create_model, model_config
 
     if checkpoint is None and not random_init:
         raise ValueError(
-            "give --checkpoint PATH (a pretrained mimkit checkpoint) or --random-init MODEL_NAME"
+            "give --checkpoint PATH (checkpoint.pt, encoder.safetensors, an export or classifier.pt) or "
+            "--random-init MODEL_NAME"
         )
-    ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.get("format") != "mimkit/1":
-        raise ValueError(
-            f"{checkpoint} is not a mimkit checkpoint; convert foreign checkpoints with `mimkit import`"
-        )
+    weights = read_weights(checkpoint) if checkpoint is not None else None
     if random_init:
         name, config = random_init, dict(overrides)
     else:
-        name, config = ckpt["model_name"], {**ckpt["model_config"], **overrides}
+        name, config = weights.model_name, {**weights.model_config, **overrides}
     if drop_path_rate is not None:
         fields = {f.name for f in dataclasses.fields(model_config(name))}
         if "drop_path_rate" in fields:
@@ -107,8 +117,8 @@ def load_eval_model(
         else:
             print(f"[mimkit] {name} has no drop_path_rate option; fine-tuning without drop-path")
     torch.manual_seed(seed)
-    model = create_model(name, **config)
     if random_init is not None:  # "" or a name: keep the random init
+        model = create_model(name, **config)
         key = {
             "model": name,
             "init": "random",
@@ -116,40 +126,97 @@ def load_eval_model(
             "config": {k: str(v) for k, v in config.items()},
         }
     else:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model = build_method_model(weights, **config)
         key = {"model": name, "checkpoint": checkpoint_fingerprint(checkpoint)}
+        if weights.kind != "model":
+            key["contents"] = weights.kind
     model.eval()
     return model, key
 
 
+def labelled_data(
+    spec: DataSpec, img_size: Any, in_chans: int
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, list[str], int, dict[str, Any]]:
+    """(train, test, class names, number of classes, how) as base datasets of (PIL image, label).
+
+    Folders go through `mimkit.data.folder.labelled_splits` (their own train/ and test/, else a seeded,
+    stratified hold-out; unlabelled images skipped); other sources use their named splits. `how` says
+    which images were trained and tested on, for the result and its summary.
+    """
+    from ..data import build_dataset
+    from ..data.folder import PATH_HINT, labelled_splits
+
+    if spec.source == "folder":
+        if spec.path is None:
+            raise ValueError(f"data source 'folder' needs the folder: {PATH_HINT}")
+        train, test, how = labelled_splits(
+            spec.path, in_chans, spec.train_split, spec.test_split, spec.test_fraction, spec.seed,
+            spec.max_train, spec.max_test,
+        )  # fmt: skip
+    else:
+        train, test = (
+            build_dataset(spec.source, spec.path, split=split, num_samples=limit, img_size=img_size,
+                          in_chans=in_chans, seed=spec.seed)
+            for split, limit in ((spec.train_split, spec.max_train), (spec.test_split, spec.max_test))
+        )  # fmt: skip
+        how = {"kind": "splits", "train_split": spec.train_split, "test_split": spec.test_split,
+               "num_train": len(train), "num_test": len(test)}  # fmt: skip
+    num_classes = getattr(train, "num_classes", None) or getattr(test, "num_classes", None)
+    if not num_classes:
+        raise ValueError(
+            f"the {spec.source} data has no labels; probes need class subfolders (DIR/<class>/*.jpg) or a "
+            "labelled dataset such as fashion_mnist"
+        )
+    names = list(getattr(train, "classes", None) or [str(i) for i in range(num_classes)])
+    return train, test, names, num_classes, how
+
+
 def eval_datasets(model: nn.Module, spec: DataSpec) -> tuple[Transformed, Transformed, list[str], int]:
     """(train, test, class names, number of classes) with the deterministic eval transform of the model."""
-    from ..data import build_dataset, default_mean_std, eval_transform
+    return eval_splits(model, spec)[:4]
+
+
+def eval_splits(
+    model: nn.Module, spec: DataSpec
+) -> tuple[Transformed, Transformed, list[str], int, dict[str, Any]]:
+    """`eval_datasets` and `how` the splits were made (see `labelled_data`)."""
+    from ..data import default_mean_std, eval_transform
 
     img_size, in_chans = model_geometry(model)
     mean, std = default_mean_std(spec.source, in_chans)
     transform = eval_transform(img_size, in_chans, spec.mean or mean, spec.std or std)
-    splits = []
-    for split, limit in ((spec.train_split, spec.max_train), (spec.test_split, spec.max_test)):
-        base = build_dataset(
-            spec.source,
-            spec.path,
-            split=split,
-            num_samples=limit,
-            img_size=img_size,
-            in_chans=in_chans,
-            seed=spec.seed,
+    train, test, names, num_classes, how = labelled_data(spec, img_size, in_chans)
+    return Transformed(train, transform), Transformed(test, transform), names, num_classes, how
+
+
+def data_warnings(
+    how: dict[str, Any], num_classes: int, protocol: str, val_fraction: float = 0.1
+) -> list[str]:
+    """Plain-language warnings when the labelled data is too small for the figure to mean much."""
+    out = []
+    n_train, n_test = how["num_train"], how["num_test"]
+    if n_test < 50:
+        out.append(
+            f"only {n_test} test images: the accuracy moves in steps of {100 / max(1, n_test):.1f} points; "
+            "treat it as a smoke test, not a measurement"
         )
-        splits.append(Transformed(base, transform))
-    train, test = splits
-    num_classes = train.num_classes or test.num_classes
-    if not num_classes:
-        raise ValueError(
-            f"the {spec.source} data has no labels; probes need class subfolders (path/<class>/*.png) or a "
-            "labelled dataset such as fashion_mnist"
-        )
-    names = list(train.classes or test.classes or [str(i) for i in range(num_classes)])
-    return train, test, names, num_classes
+    if n_train < 5 * num_classes:
+        out.append(f"only {n_train} training images for {num_classes} classes (fewer than 5 per class)")
+    if protocol in ("linear", "attentive"):
+        n_val = round(n_train * val_fraction)
+        if n_val < 20:
+            out.append(f"the learning rate was chosen on {n_val} held-out training images")
+    return out
+
+
+def data_record(spec: DataSpec, how: dict[str, Any]) -> dict[str, Any]:
+    """The data spec as stored in a result: split names only where named splits were used."""
+    record = dataclasses.asdict(spec)
+    if how.get("kind") != "splits":
+        del record["train_split"], record["test_split"]
+    if how.get("kind") != "holdout":
+        del record["test_fraction"]
+    return record
 
 
 def data_key(model: nn.Module, spec: DataSpec, split: str, limit: int | None) -> dict:
@@ -160,6 +227,7 @@ def data_key(model: nn.Module, spec: DataSpec, split: str, limit: int | None) ->
         "split": split,
         "limit": limit,
         "seed": spec.seed,
+        "test_fraction": spec.test_fraction if spec.source == "folder" else None,
         "img_size": str(img_size),
         "in_chans": in_chans,
         "mean": spec.mean,
@@ -178,8 +246,9 @@ def probe_features(
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[dict, dict, list[str], int]:
-    """Frozen features of the train and test splits (cached), class names and number of classes."""
-    train, test, names, num_classes = eval_datasets(model, spec)
+    """Frozen features of the train and test splits (cached), class names, number of classes and how the
+    splits were made."""
+    train, test, names, num_classes, how = eval_splits(model, spec)
     encoder = get_encoder(model).to(device)
     out = []
     for split, limit, ds in (
@@ -203,7 +272,7 @@ def probe_features(
                 desc=f"features {split}",
             )  # fmt: skip
         )
-    return out[0], out[1], names, num_classes
+    return out[0], out[1], names, num_classes, how
 
 
 def run_probe(
@@ -225,7 +294,7 @@ def run_probe(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     start = time.perf_counter()
-    train, test, names, num_classes = probe_features(
+    train, test, names, num_classes, how = probe_features(
         model, spec, model_key, cache_dir, pool, protocol == "attentive", bf16, device, progress
     )
     feature_seconds = time.perf_counter() - start
@@ -272,11 +341,14 @@ def run_probe(
             "per_lr": res.per_lr,
         }
     metrics = classification_metrics(preds, test["labels"], num_classes, names)
+    val_fraction = (linear or LinearProbeConfig()).val_fraction
     return {
         "protocol": protocol,
-        "model": model_key.get("model"),
+        "model": model_display_name(model, model_key),
         "model_key": model_key,
-        "data": dataclasses.asdict(spec),
+        "data": data_record(spec, how),
+        "split": how,
+        "warnings": data_warnings(how, num_classes, protocol, val_fraction),
         "num_train": len(train["labels"]),
         **metrics,
         **extra,

@@ -75,10 +75,27 @@ def plot_confusion(
     plt.close(fig)
 
 
+def _data_line(result: dict[str, Any]) -> str:
+    data = result.get("data")
+    if not isinstance(data, dict):
+        return str(data or "?")
+    where = data.get("source", "?") + (f" {data['path']}" if data.get("path") else "")
+    return where
+
+
+def model_title(result: dict[str, Any]) -> str:
+    """The model's name, marked when it is a random-init baseline rather than trained weights."""
+    key = result.get("model_key") or {}
+    name = str(result.get("model", "?"))
+    return f"{name} [RANDOM INIT baseline, no pretrained weights]" if key.get("init") == "random" else name
+
+
 def summary_text(result: dict[str, Any]) -> str:
-    lines = [
-        f"{result.get('protocol', 'evaluation')} on {result.get('data', '?')}: {result.get('model', '?')}"
-    ]
+    from ..data.folder import describe_split
+
+    lines = [f"{result.get('protocol', 'evaluation')} on {_data_line(result)}: {model_title(result)}"]
+    if result.get("split"):
+        lines.append(f"  data: {describe_split(result['split'])}")
     lines.append(f"  top-1 accuracy: {100 * result['accuracy']:.2f}%  ({result['num_test']} test images)")
     if result.get("best_lr") is not None:
         lines.append(f"  chosen lr: {result['best_lr']:.4g} (base {result.get('best_base_lr')}), selected on "
@@ -90,6 +107,8 @@ def summary_text(result: dict[str, Any]) -> str:
     lines.append("  per-class accuracy:")
     for name, acc in result["per_class_accuracy"].items():
         lines.append(f"    {name:<16} {'n/a' if acc is None else f'{100 * acc:6.2f}%'}")
+    for warning in result.get("warnings") or []:
+        lines.append(f"  warning: {warning}")
     if result.get("seconds") is not None:
         lines.append(f"  time: {result['seconds']:.1f} s")
     return "\n".join(lines) + "\n"
@@ -108,6 +127,6 @@ def write_results(
     }
     paths["json"].write_text(json.dumps(result, indent=2, default=float) + "\n")
     paths["summary"].write_text(summary_text(result))
-    title = f"{result.get('protocol', '')} {100 * result['accuracy']:.1f}% — {result.get('model', '')}"
+    title = f"{result.get('protocol', '')} {100 * result['accuracy']:.1f}% — {model_title(result)}"
     plot_confusion(result["confusion_matrix"], result["class_names"], paths["confusion"], title)
     return paths
