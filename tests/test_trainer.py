@@ -113,7 +113,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     trainer = Trainer(cfg)
     with torch.no_grad():
         trainer.model.decoder_pred.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="Lower optim.base_lr"):
+    with pytest.raises(NonFiniteLossError, match="lower optim.base_lr"):
         trainer.fit()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,24 +17,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are used for what it omits")
     p.add_argument("--output-dir", help="run directory (train.output_dir)")
     p.add_argument("--resume", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pt")
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even when batch size, seed or model differ from the checkpoint's (train.resume_force)",
+    )
     p.add_argument("--no-pictures", action="store_true", help="skip the loss curve and reconstruction PNGs")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 when the run finished; 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped it after
+    writing a checkpoint; errors in the config or the data are raised as MimkitError (the CLI prints them)."""
     from ..engine.config import load_config
     from ..engine.trainer import Trainer
 
     overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.output_dir:  # JSON strings are YAML: any folder name survives the override parser
+        overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")
     if args.resume:
-        overrides.append(f"train.resume={args.resume}")
+        overrides.append(f"train.resume={json.dumps(args.resume)}")
+    if args.force_resume:
+        overrides.append("train.resume_force=true")
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     try:
         stats = trainer.fit()
+        if trainer.stopped_by is not None:
+            return 128 + trainer.stopped_by
         if trainer.dist.is_main and not args.no_pictures:
             write_pictures(trainer)
         if trainer.dist.is_main:

@@ -15,11 +15,16 @@ and resumes mid-epoch; build_loader makes the DataLoader.
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .fashion_mnist import FashionMNIST, read_idx
 from .folder import IMG_EXTENSIONS, ImageFolder, mode_for_channels, to_mode
@@ -47,6 +52,7 @@ __all__ = [
     "mode_for_channels",
     "pretrain_transform",
     "read_idx",
+    "set_max_image_pixels",
     "to_mode",
 ]
 
@@ -128,9 +134,50 @@ def build_dataset(
     return dataset
 
 
-def _worker_init(worker_id: int) -> None:
+_PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+_pixel_limit: int | None = None  # what set_max_image_pixels set, handed to data-loader workers
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Treat images with more than `limit` pixels as unreadable: skipped with a warning, never decoded.
+
+    Pillow reads the size from the file header when it opens a file and warns above `Image.MAX_IMAGE_PIXELS`
+    (refusing only at twice that); here the warning becomes the error an image folder skips the file for,
+    so an oversized image costs one header read, once. None keeps Pillow's own limit and behaviour.
+    Applies to this process and to data-loader workers started after the call.
+    """
+    global _pixel_limit
+    _pixel_limit = limit
+    if limit is None:
+        Image.MAX_IMAGE_PIXELS = _PILLOW_MAX_IMAGE_PIXELS
+        return
+    Image.MAX_IMAGE_PIXELS = int(limit)
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def _worker_init(worker_id: int, pixel_limit: int | None = None) -> None:
     # Workers each get one intra-op thread: N workers x all cores would oversubscribe the CPU.
     torch.set_num_threads(1)
+    if pixel_limit is not None:  # workers started by spawn / forkserver inherit no module state
+        set_max_image_pixels(pixel_limit)
+    # A Ctrl-C or a SIGTERM sent to the whole process group is the main process's to handle: it finishes
+    # the step, checkpoints and then shuts the workers down (they must live until then).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the main process dies, even by SIGKILL (no orphans)."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def build_loader(
@@ -160,7 +207,7 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=False,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, pixel_limit=_pixel_limit) if num_workers > 0 else None,
         collate_fn=collate_fn,
         **extra,
     )

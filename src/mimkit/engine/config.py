@@ -278,16 +278,18 @@ def describe_type(hint: Any) -> str:
     return _NAMES.get(hint, (getattr(hint, "__name__", str(hint)), ""))[0]
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as it would be written in YAML, cut to `limit` characters (the message stays one line)."""
     if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, tuple):
-        value = list(value)
-    return str(value)
+        text = str(value).lower()
+    elif value is None:
+        text = "null"
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = str(list(value) if isinstance(value, tuple) else value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_value(key: str, value: Any, hint: Any, rule: Rule | None) -> Any:

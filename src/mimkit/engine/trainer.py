@@ -14,9 +14,14 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,15 +29,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError, NonFiniteLossError, OutputError
 from ..registry import create_model
-from .checkpoint import atomic_save, load_checkpoint, model_state
+from .checkpoint import atomic_save, load_checkpoint, model_state, remove_stale_temporaries
 from .config import Config, save_config
-from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cleanup, init_distributed
 from .optim import cosine_lr, param_groups
 
+__all__ = ["NonFiniteLossError", "StopSignals", "Trainer", "export_encoder", "step_seed"]
 
-class NonFiniteLossError(RuntimeError):
-    pass
+# Why a loss or the weights stop being finite, most likely first; every message about it ends with this.
+LIKELY_CAUSES = (
+    "likely causes: a learning rate too high for this batch (lower optim.base_lr or optim.lr), no gradient "
+    "clipping (set optim.clip_grad, e.g. 3.0), too short a warmup (raise optim.warmup_epochs), bf16 overflow "
+    "(train.precision=fp32), or input values far from normal (data.mean / data.std); change one and resume "
+    "with train.resume=auto"
+)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -44,6 +56,10 @@ class Trainer:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
+        self.stopped_by: int | None = None  # the signal that stopped fit() after a checkpoint, if one did
+        self.last_saved_step: int | None = None  # step of the newest checkpoint.pt in out_dir
+        if self.dist.is_main:
+            self._prepare_output_dir()
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
         self.model = create_model(cfg.model_name, **cfg.model_overrides).to(self.dist.device)
@@ -99,12 +115,39 @@ class Trainer:
         return flops, float(ceiling)
 
     # ---------------------------------------------------------------- setup
+    def _prepare_output_dir(self) -> None:
+        """Create the run directory and prove it writable now (not after an hour of training); clean up what
+        an interrupted checkpoint write left behind."""
+        out, fix = self.out_dir, "choose a writable folder with --output-dir (train.output_dir=...)"
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"train.output_dir={out} is a file, not a folder; {fix}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise OutputError(
+                f"cannot write to train.output_dir={out}: {err.strerror or err}; {fix}"
+            ) from None
+        removed = remove_stale_temporaries(out)
+        if removed:
+            self._log(f"removed {len(removed)} temporary file(s) left by an interrupted checkpoint write")
+
     def _build_data(self):
         """(loader, dataset, position keeper): the dataset has set_epoch, the keeper set_epoch/set_start."""
-        from ..data import MIMDataset, ResumableSampler, build_dataset, build_loader, default_mean_std
+        from ..data import (
+            MIMDataset,
+            ResumableSampler,
+            build_dataset,
+            build_loader,
+            default_mean_std,
+            set_max_image_pixels,
+        )
         from ..data.transforms import pretrain_transform
 
         c, mc, seed = self.cfg.data, self.model.config, self.cfg.train.seed
+        set_max_image_pixels(c.max_image_pixels)
         mean, std = default_mean_std(c.source, mc.in_chans)
         transform = pretrain_transform(
             mc.img_size, mc.in_chans, c.mean or mean, c.std or std, scale=(c.min_crop_scale, 1.0)
@@ -121,6 +164,8 @@ class Trainer:
             c.source, path=c.path, split=c.split, num_samples=c.num_samples,
             img_size=mc.img_size, in_chans=mc.in_chans, seed=seed,
         )  # fmt: skip
+        if c.source == "folder":
+            _check_readable(base, c.path)
         dataset = MIMDataset(base, transform, self.model.mask_generator, seed=seed)
         sampler = ResumableSampler(
             len(dataset), self.dist.world_size, self.dist.rank, seed=seed, shuffle=True
@@ -166,6 +211,7 @@ class Trainer:
             "batch_in_epoch": self.micro_done % self.micro_per_epoch,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
             "config": self.cfg.to_dict(),
+            "world_size": self.dist.world_size,
         }
 
     def _resume(self, where: str) -> None:
@@ -174,9 +220,18 @@ class Trainer:
             return
         ckpt = load_checkpoint(path)
         if ckpt.get("model_name") != self.cfg.model_name:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume: {path} holds {ckpt.get('model_name')!r}, the config asks for {self.cfg.model_name!r}"
             )
+        differences = self._resume_differences(ckpt)
+        if differences and not self.cfg.train.resume_force:
+            raise ConfigError(
+                f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(differences)}; "
+                "the batches and masks would not be those of an uninterrupted run. Use the checkpoint's values, "
+                "or add --force-resume (train.resume_force=true) to continue anyway"
+            )
+        if differences:
+            self._log(f"resuming despite different {', '.join(differences)} (train.resume_force)")
         if self.fsdp:
             from .fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
 
@@ -189,18 +244,70 @@ class Trainer:
             self.online_probe.load_state_dict(ckpt["online_probe"])
         self.step, self.micro_done = int(ckpt["step"]), int(ckpt["micro_done"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if path.resolve() == (self.out_dir / "checkpoint.pt").resolve():
+            self.last_saved_step = self.step
         self._log(f"resumed from {path} at step {self.step}")
 
+    def _resume_differences(self, ckpt: dict[str, Any]) -> list[str]:
+        """'key (checkpoint A, now B)' for each setting that decides batches, masks or the model."""
+        saved, now = ckpt.get("config") or {}, self.cfg.to_dict()
+        pairs = [
+            (f"{section}.{key}", saved.get(section, {}).get(key), now[section][key])
+            for section, key in (("data", "batch_size"), ("optim", "accum_steps"), ("train", "seed"))
+        ]
+        if "world_size" in ckpt:
+            pairs.append(("processes", ckpt["world_size"], self.dist.world_size))
+        saved_model, now_model = ckpt.get("model_config") or {}, dataclasses.asdict(self.model.config)
+        for key in sorted(set(saved_model) | set(now_model)):
+            if key != "tokenizer_path":  # where the tokenizer file lives is not what it is
+                pairs.append((f"model.{key}", saved_model.get(key), now_model.get(key)))
+        if "world_size" in ckpt:  # N processes x batch b == 1 process x N accumulated micro-batches of b
+            saved_global = ckpt["world_size"] * saved.get("optim", {}).get("accum_steps", 1)
+            now_global = self.dist.world_size * self.cfg.optim.accum_steps
+            if saved_global == now_global:
+                pairs = [p for p in pairs if p[0] not in ("processes", "optim.accum_steps")]
+        plain = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  tuples == lists
+        return [f"{k} (checkpoint {plain(a)}, now {plain(b)})" for k, a, b in pairs if plain(a) != plain(b)]
+
     def save(self, name: str = "checkpoint.pt", export: bool = False) -> Path:
-        """Write the training state (rank 0) and, with `export`, the encoder as safetensors beside it."""
+        """Write the training state (rank 0) and, with `export`, the encoder as safetensors beside it.
+
+        Weights holding NaN or inf are never written (NonFiniteLossError): the checkpoint already there,
+        written from finite weights, stays. A failed write (disk full, read-only) keeps it too (OutputError).
+        """
         path = self.out_dir / name
+        if not self._weights_finite():
+            raise NonFiniteLossError(
+                f"the weights hold NaN or infinite values at step {self.step}; {path.name} was not written "
+                f"({self._kept_checkpoint()}); {LIKELY_CAUSES}"
+            )
         state = self.state_dict()  # every rank takes part (FSDP gathers), rank 0 writes
         if self.dist.is_main:
-            atomic_save(state, path)
-            if export:
-                export_encoder(state, self.out_dir / "encoder.safetensors")
+            try:
+                atomic_save(state, path)
+                if export:
+                    export_encoder(state, self.out_dir / "encoder.safetensors")
+            except OSError as err:
+                kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+                raise OutputError(
+                    f"could not write {path}: {err.strerror or err}; {kept}. Free some disk space or choose "
+                    "another train.output_dir, then resume with train.resume=auto"
+                ) from None
+        if name == "checkpoint.pt":
+            self.last_saved_step = self.step
         barrier(self.dist)
         return path
+
+    def _weights_finite(self) -> bool:
+        """Whether every parameter on every process is finite (one host sync; shards checked locally)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        bad = torch.stack([~torch.isfinite(t).all() for t in local if t.numel()]).any().float()
+        return all_reduce_max(bad, self.dist).item() == 0
+
+    def _kept_checkpoint(self) -> str:
+        if self.last_saved_step is None:
+            return "no checkpoint was written yet"
+        return f"{self.out_dir / 'checkpoint.pt'} from step {self.last_saved_step} is the last finite one"
 
     # ---------------------------------------------------------------- loop
     def batches(self):
@@ -259,9 +366,8 @@ class Trainer:
         stats = dict(zip(keys, reduced))
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(
-                f"loss is {stats['loss']} at step {self.step} (lr {lr:.3g}); stopping before the weights are "
-                "corrupted. Lower optim.base_lr, add optim.clip_grad, lengthen warmup, or try "
-                "train.precision=fp32; resume from the last checkpoint with train.resume=auto."
+                f"loss is {stats['loss']} at step {self.step} (lr {lr:.3g}); stopped without writing a "
+                f"checkpoint ({self._kept_checkpoint()}); {LIKELY_CAUSES}"
             )
         if cfg.optim.clip_grad:
             stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad))
@@ -274,11 +380,17 @@ class Trainer:
         return stats
 
     def fit(self) -> dict[str, float]:
+        """Train to `total_steps`, logging and checkpointing; returns the last step's metrics.
+
+        SIGTERM or SIGINT (Ctrl-C) stops it cleanly: the current step finishes, a checkpoint is written, the
+        data-loader workers stop, `stopped_by` holds the signal number and the resume command is printed.
+        A second signal exits at once (the previous checkpoint stays; a partial write is cleaned next time).
+        """
         cfg = self.cfg
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        logger = MetricLogger(self.out_dir, enabled=self.dist.is_main)
+        logger = MetricLogger(self.out_dir, enabled=self.dist.is_main, start_step=self.step)
         self._log(
             f"{cfg.model_name}: {self.num_params / 1e6:.2f}M params, "
             f"{len(self.dataset)} images, global batch {self.global_batch}, peak lr {self.peak_lr:.3g}, "
@@ -291,44 +403,69 @@ class Trainer:
         bar = progress_bar(self.total_steps, self.step, enabled=self.dist.is_main and cfg.train.progress)
         stats: dict[str, float] = {}
         window_start, window_images = time.perf_counter(), 0
+        signals = StopSignals(verbose=self.dist.is_main)
         try:
-            while self.step < self.total_steps:
-                stats = self.train_step(batches)
-                window_images += self.global_batch
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    stats["img_per_sec"] = window_images / elapsed
-                    # per-process MFU: this process's share of the images against one device's ceiling
-                    stats["mfu"] = (
-                        stats["img_per_sec"] / self.dist.world_size * self.flops_per_image / self.ceiling
-                    )
-                    stats["epoch"] = self.micro_done / self.micro_per_epoch
-                    logger.log(self.step, stats)
-                    window_start, window_images = time.perf_counter(), 0
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{stats['loss']:.4f}",
-                            lr=f"{stats['lr']:.2e}",
-                            img_s=f"{stats['img_per_sec']:.1f}",
-                            mfu=f"{stats['mfu']:.1%}",
+            with signals:
+                while self.step < self.total_steps:
+                    stats = self.train_step(batches)
+                    window_images += self.global_batch
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        stats["img_per_sec"] = window_images / elapsed
+                        # per-process MFU: this process's share of the images against one device's ceiling
+                        stats["mfu"] = (
+                            stats["img_per_sec"] / self.dist.world_size * self.flops_per_image / self.ceiling
                         )
-                if bar is not None:
-                    bar.update(1)
-                if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
-                    self.save(export=self.step == self.total_steps)
-                keep = cfg.train.keep_every_epochs
-                if keep and self.micro_done % (keep * self.micro_per_epoch) < cfg.optim.accum_steps:
-                    self.save(f"checkpoint-epoch{self.micro_done // self.micro_per_epoch:04d}.pt")
+                        stats["epoch"] = self.micro_done / self.micro_per_epoch
+                        logger.log(self.step, stats)
+                        window_start, window_images = time.perf_counter(), 0
+                        if bar is not None:
+                            bar.set_postfix(
+                                loss=f"{stats['loss']:.4f}",
+                                lr=f"{stats['lr']:.2e}",
+                                img_s=f"{stats['img_per_sec']:.1f}",
+                                mfu=f"{stats['mfu']:.1%}",
+                            )
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
+                        self.save(export=self.step == self.total_steps)
+                    keep = cfg.train.keep_every_epochs
+                    if keep and self.micro_done % (keep * self.micro_per_epoch) < cfg.optim.accum_steps:
+                        self.save(f"checkpoint-epoch{self.micro_done // self.micro_per_epoch:04d}.pt")
+                    if self.step < self.total_steps and self._stop_requested(signals):
+                        break
+                if self.stopped_by is not None:
+                    if self.last_saved_step != self.step:
+                        self.save()  # still under the handlers: a second signal interrupts it at once
+                    batches.close()  # drops the loader's iterator: its workers are shut down now
+                    self._log(
+                        f"stopped by {signal.Signals(self.stopped_by).name} at step {self.step} of "
+                        f"{self.total_steps}; checkpoint written to {self.out_dir / 'checkpoint.pt'}. Resume "
+                        f"with: mimkit pretrain --config {self.out_dir / 'config.yaml'} --resume auto"
+                    )
         finally:
+            batches.close()
             if bar is not None:
                 bar.close()
             logger.close()
         if self.dist.is_main:
             bad = getattr(self.dataset, "num_bad", 0)
             if bad:
-                self._log(f"skipped {bad} unreadable image(s) in this process; see the warnings above")
+                self._log(
+                    f"skipped {bad} unreadable image(s) in this process (including any over "
+                    f"data.max_image_pixels={cfg.data.max_image_pixels}); see the warnings above"
+                )
         barrier(self.dist)
         return stats
+
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any process received a stop signal; every process agrees, so all stop at the same step."""
+        received = torch.tensor(float(signals.signum or 0), device=self.dist.device)
+        signum = int(all_reduce_max(received, self.dist).item()) if self.dist.enabled else signals.signum
+        if signum:
+            self.stopped_by = signum
+        return bool(signum)
 
     def _log(self, msg: str) -> None:
         if self.dist.is_main:
@@ -336,6 +473,61 @@ class Trainer:
 
     def close(self) -> None:
         cleanup(self.dist)
+
+
+class StopSignals:
+    """While active (`with StopSignals():`), SIGTERM and SIGINT only set `signum`: the training loop stops at
+    the end of its step and checkpoints. A second signal terminates the data-loader workers and the process
+    at once. Handlers are installed only from the main thread and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, verbose: bool = True):
+        self.signum: int | None = None
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _say(self, text: str) -> None:
+        if self.verbose:  # os.write: print() is not safe inside a signal handler
+            os.write(2, f"[mimkit] {text}\n".encode())
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            self._say(
+                f"{name}: finishing this step, then writing a checkpoint (send it again to exit at once)"
+            )
+            return
+        self._say(f"second {name}: exiting now, without a checkpoint; the previous one is kept")
+        for child in multiprocessing.active_children():
+            child.terminate()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _check_readable(base: torch.utils.data.Dataset, path: str | None) -> None:
+    """Fail early, in one line, when not one file of an image folder decodes (rather than in a worker)."""
+    try:
+        base[0]
+    except RuntimeError:
+        if not getattr(base, "num_bad", 0):
+            raise
+        raise DataError(
+            f"no readable image under data.path={path}: all {base.num_bad} file(s) failed to decode (see the "
+            "warnings above); point data.path at a folder of images (jpg, png, ...)"
+        ) from None
 
 
 def export_encoder(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -350,22 +542,36 @@ def export_encoder(checkpoint: dict[str, Any], path: str | Path) -> None:
         "model_name": str(checkpoint["model_name"]),
         "model_config": json.dumps(checkpoint["model_config"]),
     }
-    save_file(state, str(path), metadata=meta)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never half a file
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class MetricLogger:
-    """One JSON line per log step in metrics.jsonl, mirrored to TensorBoard (rank 0 only)."""
+    """One JSON line per log step in metrics.jsonl, mirrored to TensorBoard (rank 0 only).
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    Rows after `start_step` (logged by an earlier run past the checkpoint it resumes from, or by an earlier
+    run in the same folder when starting at 0) are dropped, as is a line cut short by a crash, so each step
+    appears once; TensorBoard purges its events after `start_step` the same way.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.file = self.tb = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115
+            path = out_dir / "metrics.jsonl"
+            if path.exists():
+                _truncate_metrics(path, start_step)
+            self.file = open(path, "a")  # noqa: SIM115
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tb"))
+                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
             except ImportError:
                 self.tb = None
 
@@ -383,6 +589,23 @@ class MetricLogger:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows of metrics.jsonl with step <= last_step (and only complete JSON lines)."""
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
