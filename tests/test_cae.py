@@ -101,7 +101,7 @@ def test_decoder_ignores_visible_latents_when_regressor_output_is_fixed(monkeypa
     torch.testing.assert_close(model(x1, mask).pred, model(x2, mask).pred, atol=0, rtol=0)
 
 
-def test_regressor_reads_but_never_updates_visible_latents():
+def test_regressor_reads_but_never_updates_visible_latents_and_ignores_the_class_token():
     model = tiny()
     _randomize(model)
     x = torch.randn(2, 3, 32, 32)
@@ -114,11 +114,44 @@ def test_regressor_reads_but_never_updates_visible_latents():
     z_m = model.forward_regressor(latent, mask)
     assert z_m.shape == (2, 32, 32)
     assert torch.equal(latent, before)
-    n_vis = latent.shape[1]
-    for kv in kv_seen:  # every block's keys/values start with the unchanged visible latents
-        assert torch.equal(kv[:, :n_vis], before)
-    # ...and the queries do use them: other context, other predictions
+    n_vis = latent.shape[1] - 1
+    for kv in kv_seen:  # keys/values: the unchanged visible patch latents, then the queries (no class token)
+        assert kv.shape[1] == n_vis + 32
+        assert torch.equal(kv[:, :n_vis], before[:, 1:])
+    # ...the queries do use them: other context, other predictions; the class token is not read at all
     assert not torch.allclose(model.forward_regressor(latent + 1.0, mask), z_m)
+    other_cls = latent.clone()
+    other_cls[:, 0] += 5.0
+    assert torch.equal(model.forward_regressor(other_cls, mask), z_m)
+
+
+def test_stochastic_depth_rises_linearly_in_encoder_regressor_and_decoder():
+    model = tiny(drop_path_rate=0.3, depth=4, regressor_depth=3, decoder_depth=2)
+    rates = lambda blocks: [getattr(b.drop_path, "p", 0.0) for b in blocks]  # noqa: E731
+    assert rates(model.encoder.blocks) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert rates(model.regressor_blocks) == pytest.approx([0.0, 0.15, 0.3])
+    assert rates(model.decoder_blocks) == pytest.approx([0.0, 0.3])
+
+
+def test_init_is_the_authors_truncated_normal_and_large_keeps_decoder_layer_scale():
+    model = mimkit.create_model("cae_vit_base_patch16_224", depth=1, regressor_depth=1, decoder_depth=1)
+    for t in (model.encoder.patch_embed.proj.weight, model.encoder.cls_token, model.mask_token):
+        assert t.abs().max() <= 0.02 and 0.008 < t.std() < 0.014  # N(0, 0.02) cut at +-0.02: std ~0.011
+    large = mimkit.create_model("cae_vit_large_patch16_224", depth=1, regressor_depth=1, decoder_depth=1)
+    assert torch.allclose(large.encoder.blocks[0].ls1.gamma, torch.full((1024,), 1e-5))
+    assert torch.allclose(large.regressor_blocks[0].ls1.gamma, torch.full((1024,), 0.1))
+    assert torch.allclose(large.decoder_blocks[0].ls2.gamma, torch.full((1024,), 0.1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_teacher_mode_decides_whether_the_alignment_target_is_stochastic(mode):
+    model = tiny(drop_path_rate=0.5, teacher_mode=mode).train()
+    x, mask = torch.randn(4, 3, 32, 32), model.mask_generator(4)
+    torch.manual_seed(0)
+    a = model.alignment_target(x, mask)
+    b = model.alignment_target(x, mask)
+    assert torch.equal(a, b) == (mode == "eval")
+    assert model.training  # the pass leaves the model's mode as it was
 
 
 def test_momentum_zero_keeps_no_second_copy_of_the_encoder():

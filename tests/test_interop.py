@@ -226,7 +226,7 @@ def test_import_official_mae_encoder_only_release(tmp_path):
     _official_mae_file(source, tmp_path / "enc.pth", with_decoder=False, norm_pix_loss=True)
     with pytest.warns(UserWarning, match="fresh initialisation"):
         ckpt = import_checkpoint(
-            tmp_path / "enc.pth", source="mae", decoder_embed_dim=128, decoder_num_heads=4
+            tmp_path / "enc.pth", source="mae", encoder_only=True, decoder_embed_dim=128, decoder_num_heads=4
         )
     assert any(k.startswith("decoder_blocks.") for k in ckpt["imported_from"]["initialised"])
     imported = model_from_checkpoint(ckpt).eval()
@@ -265,16 +265,26 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert marker.exists()
 
 
-def _official_cae_state_dict(model) -> dict:
-    """mimkit CAE -> the authors' names: encoder.* / teacher.* BEiT blocks with gamma_1/gamma_2,
-    pretext_neck.{regressor_blocks.N (norm1_q/k/v, cross_attn.{q,k,v,proj}, cross_attn.q_bias/v_bias,
-    gamma_1_cross, norm2_cross, mlp_cross, gamma_2_cross), norm, decoder_blocks.N, norm2, head}, mask_token."""
+def _official_cae_state_dict(model, layout: str) -> dict:
+    """mimkit CAE -> the authors' names. Both layouts: encoder.* BEiT blocks with gamma_1/gamma_2, regressor
+    blocks (norm1_q/k/v, cross_attn.{q,k,v,proj}, cross_attn.q_bias/v_bias, gamma_1_cross, norm2_cross,
+    mlp_cross, gamma_2_cross), mask_token. "current": alignment_encoder.*, regresser.{regressor_blocks.N, norm},
+    decoder.{decoder_blocks.N, norm, head}, rd_pos_embed. "older": teacher.*, pretext_neck.{regressor_blocks.N,
+    norm, decoder_blocks.N, norm2, head} and no rd_pos_embed (the encoder's table)."""
+    current = layout == "current"
+    prefix = {
+        "regressor_blocks.": "regresser.regressor_blocks." if current else "pretext_neck.regressor_blocks.",
+        "regressor_norm.": "regresser.norm." if current else "pretext_neck.norm.",
+        "decoder_blocks.": "decoder.decoder_blocks." if current else "pretext_neck.decoder_blocks.",
+        "decoder_norm.": "decoder.norm." if current else "pretext_neck.norm2.",
+        "decoder_pred.": "decoder.head." if current else "pretext_neck.head.",
+    }
     out = {}
     for key, value in model.state_dict().items():
+        name = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
         if key.startswith("encoder."):
-            name = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
             out[name] = value
-            out["teacher." + name[len("encoder.") :]] = value.clone()
+            out[("alignment_encoder." if current else "teacher.") + name[len("encoder.") :]] = value.clone()
         elif key.startswith("regressor_blocks."):
             name = key
             for ours, theirs in [
@@ -284,42 +294,72 @@ def _official_cae_state_dict(model) -> dict:
                 (".norm2.", ".norm2_cross."), (".mlp.", ".mlp_cross."),
             ]:  # fmt: skip
                 name = name.replace(ours, theirs)
-            out["pretext_neck." + name] = value
-        elif key.startswith("decoder_blocks."):
-            out["pretext_neck." + key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = (
-                value
-            )
-        elif key.startswith("regressor_norm."):
-            out[key.replace("regressor_norm.", "pretext_neck.norm.")] = value
-        elif key.startswith("decoder_norm."):
-            out[key.replace("decoder_norm.", "pretext_neck.norm2.")] = value
-        elif key.startswith("decoder_pred."):
-            out[key.replace("decoder_pred.", "pretext_neck.head.")] = value
-        elif key == "mask_token":
+            out[prefix["regressor_blocks."] + name[len("regressor_blocks.") :]] = value
+        elif key == "mask_token" or (key == "rd_pos_embed" and current):
             out[key] = value
-    assert "pretext_neck.regressor_blocks.0.cross_attn.q_bias" in out and "encoder.blocks.0.gamma_1" in out
+        else:
+            start = next((p for p in prefix if key.startswith(p)), None)
+            if start is not None:
+                out[prefix[start] + name[len(start) :]] = value
     return out
 
 
-def test_import_official_cae_reproduces_source_outputs(tmp_path):
+@pytest.mark.parametrize("layout", ["current", "older"])
+def test_import_official_cae_reproduces_source_outputs(tmp_path, layout):
     source = _perturb(
         mimkit.create_model(
             "cae_vit_tiny_patch4_32", depth=2, regressor_depth=2, decoder_depth=1, norm_pix_loss=False
         )
     )
-    with torch.no_grad():  # the authors' decoder reuses the encoder's (frozen) sin-cos table
-        source.decoder_pos_embed.copy_(source.encoder.pos_embed[:, 1:])
+    if layout == "older":
+        with torch.no_grad():  # the older layout has no rd_pos_embed: the authors rebuilt the encoder's table
+            source.rd_pos_embed.copy_(source.encoder.pos_embed)
     args = argparse.Namespace(
         decoder_num_heads=3, regressor_depth=2, decoder_depth=1, base_momentum=0.0, norm_pix_loss=False
     )
-    torch.save({"model": _official_cae_state_dict(source), "epoch": 1, "args": args}, tmp_path / "cae.pth")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the EMA teacher copy is dropped at momentum 0
-        ckpt = import_checkpoint(tmp_path / "cae.pth", source="cae")
-    assert any(k.startswith("teacher.") for k in ckpt["imported_from"]["dropped"])
+    official = _official_cae_state_dict(source, layout)
+    torch.save({"model": official, "epoch": 1, "args": args}, tmp_path / "cae.pth")
+    ckpt = import_checkpoint(tmp_path / "cae.pth", source="cae")
+    teacher = "alignment_encoder." if layout == "current" else "teacher."
+    assert ckpt["imported_from"]["initialised"] == []
+    assert {k for k in official if k not in ckpt["imported_from"]["dropped"]} == {
+        k for k in official if not k.startswith(teacher)
+    }  # every tensor but the momentum-0 teacher copy is used
     imported = model_from_checkpoint(ckpt)
     images = torch.randn(2, 3, 32, 32)
     _same_outputs(source, imported, images, source.mask_generator(2, torch.Generator().manual_seed(0)))
+
+
+def test_import_cae_refuses_missing_or_unknown_tensors_unless_encoder_only(tmp_path):
+    source = _perturb(
+        mimkit.create_model("cae_vit_tiny_patch4_32", depth=2, regressor_depth=1, decoder_depth=1)
+    )
+    official = _official_cae_state_dict(source, "current")
+    partial = {k: v for k, v in official.items() if not k.startswith("decoder.")}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"lacks \d+ tensors .*decoder_norm.*--encoder-only"):
+        import_checkpoint(tmp_path / "partial.pth", source="cae")
+    torch.save({"model": {**official, "extra_head.weight": torch.zeros(3)}}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="extra_head.weight"):
+        import_checkpoint(tmp_path / "odd.pth", source="cae")
+    encoder = {k.removeprefix("encoder."): v for k, v in official.items() if k.startswith("encoder.")}
+    torch.save({"model": encoder}, tmp_path / "encoder.pth")
+    with pytest.raises(ValueError, match="--encoder-only"):
+        import_checkpoint(tmp_path / "encoder.pth", source="cae")
+    with pytest.warns(UserWarning, match="fresh initialisation"):
+        ckpt = import_checkpoint(tmp_path / "encoder.pth", source="cae", encoder_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model_from_checkpoint(ckpt).encoder.eval()(x), source.encoder.eval()(x), atol=1e-6, rtol=0
+        )
+    out = tmp_path / "x.pt"
+    assert cli(["import", "--from", "cae", str(tmp_path / "partial.pth"), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert (
+        cli(["import", "--from", "cae", str(tmp_path / "encoder.pth"), "--out", str(out), "--encoder-only"])
+        == 0
+    )
 
 
 def test_import_official_convmae_reproduces_source_outputs(tmp_path):

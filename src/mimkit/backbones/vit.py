@@ -27,7 +27,7 @@ def scatter_visible(visible_tokens: torch.Tensor, mask: torch.Tensor, fill: torc
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token and a fixed 2D sin-cos position embedding (MAE style).
+    """ViT with a class token and a fixed 2D sin-cos position embedding (`pos_layout`: "mae" or "cae").
 
     Keys match `timm.create_model('vit_*', num_classes=0)`: cls_token, pos_embed, patch_embed.proj,
     blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.
@@ -48,6 +48,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init: float | None = None,
         norm_eps: float = 1e-6,
+        pos_layout: str = "mae",
     ):
         super().__init__()
         self.embed_dim = embed_dim
@@ -56,7 +57,9 @@ class VisionTransformer(nn.Module):
         self.grid_size = self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        pos = sincos_2d(embed_dim, self.grid_size, cls_token=True).unsqueeze(0)  # [1, 1 + L, D]
+        pos = sincos_2d(embed_dim, self.grid_size, cls_token=True, layout=pos_layout).unsqueeze(
+            0
+        )  # [1, 1 + L, D]
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(

@@ -29,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="mimkit checkpoint to write, e.g. imported.pt")
     p.add_argument("--model", default=None, help="registered preset name (default: inferred from shapes)")
     p.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="the file holds only an encoder (a released encoder, a fine-tuned backbone, mimkit's "
+        "encoder.safetensors): import it and initialise the rest afresh. Without it, a file that lacks "
+        "tensors of the model is refused",
+    )
+    p.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -52,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         overrides[key] = _value(value)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ckpt = import_checkpoint(args.src, source=args.source, model=args.model, **overrides)
+        ckpt = import_checkpoint(
+            args.src, source=args.source, model=args.model, encoder_only=args.encoder_only, **overrides
+        )
     for w in caught:
         print(f"warning: {w.message}")
     atomic_save(ckpt, args.out)

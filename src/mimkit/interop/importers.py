@@ -100,6 +100,17 @@ def _with_decoder_and_recipe(cfg: dict, sd: dict, args: dict) -> dict:
     return cfg
 
 
+def _summarise(keys: list[str], limit: int = 4) -> str:
+    """A few key names, one per module prefix (blocks collapse to their first), for one-line messages."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        seen.setdefault(re.sub(r"\.\d+\..*|\.[^.]*$", "", key), key)
+    names = list(seen.values())
+    return ", ".join(names[:limit]) + (
+        f" and {len(keys) - len(names[:limit])} more" if len(keys) > limit else ""
+    )
+
+
 def _count(sd: Mapping[str, Any], prefix: str) -> int:
     ids = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(ids) + 1 if ids else 0
@@ -154,65 +165,77 @@ _CAE_REGRESSOR = [
     (".cross_attn.", ".attn."), (".gamma_1_cross", ".ls1.gamma"), (".gamma_2_cross", ".ls2.gamma"),
     (".norm2_cross.", ".norm2."), (".mlp_cross.", ".mlp."),
 ]  # fmt: skip
+# (official prefix, mimkit prefix, renames) for both of the authors' layouts: the current one (`regresser.`,
+# `decoder.`, `alignment_encoder.`, `rd_pos_embed`) and the older one (`pretext_neck.`, `teacher.`).
+_CAE_PREFIXES = [
+    ("encoder.", "encoder.", _CAE_BLOCK),
+    ("regresser.regressor_blocks.", "regressor_blocks.", _CAE_REGRESSOR),
+    ("regresser.norm.", "regressor_norm.", []),
+    ("decoder.decoder_blocks.", "decoder_blocks.", _CAE_BLOCK),
+    ("decoder.norm.", "decoder_norm.", []),
+    ("decoder.head.", "decoder_pred.", []),
+    ("pretext_neck.regressor_blocks.", "regressor_blocks.", _CAE_REGRESSOR),
+    ("pretext_neck.norm.", "regressor_norm.", []),
+    ("pretext_neck.decoder_blocks.", "decoder_blocks.", _CAE_BLOCK),
+    ("pretext_neck.norm2.", "decoder_norm.", []),
+    ("pretext_neck.head.", "decoder_pred.", []),
+    ("mask_token", "mask_token", []),
+    ("rd_pos_embed", "rd_pos_embed", []),
+]
+_CAE_TEACHERS = ("alignment_encoder.", "teacher.")
 
 
 def cae_from_official_state_dict(
     sd: Mapping[str, torch.Tensor], keep_teacher: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Official CAE names -> mimkit CAE. Returns (state dict, dropped official keys).
+    """Official CAE names -> mimkit CAE. Returns (state dict, official keys left out on purpose).
 
-    encoder.* / teacher.*: BEiT blocks (gamma_1/2 -> ls1/ls2.gamma); pretext_neck.regressor_blocks.N
-    (norm1_q/k/v, cross_attn.{q,k,v,proj,q_bias,v_bias}, gamma_{1,2}_cross, norm2_cross, mlp_cross) ->
-    regressor_blocks.N; pretext_neck.norm -> regressor_norm; pretext_neck.decoder_blocks -> decoder_blocks;
-    pretext_neck.norm2 -> decoder_norm; pretext_neck.head -> decoder_pred. The decoder's position embedding
-    is the encoder's (the authors rebuild the same sin-cos table). An encoder saved without the `encoder.`
-    prefix (fine-tuning layout) is accepted. The EMA teacher is kept only with `keep_teacher`.
+    Both of the authors' layouts: `encoder.*` (BEiT blocks, gamma_1/2 -> ls1/ls2.gamma), the regressor under
+    `regresser.regressor_blocks.N` or `pretext_neck.regressor_blocks.N` (norm1_q/k/v, cross_attn.{q,k,v,proj,
+    q_bias,v_bias}, gamma_{1,2}_cross, norm2_cross, mlp_cross) -> regressor_blocks.N, `regresser.norm` /
+    `pretext_neck.norm` -> regressor_norm, the decoder under `decoder.decoder_blocks` / `pretext_neck.
+    decoder_blocks` with `decoder.norm` / `pretext_neck.norm2` -> decoder_norm and `decoder.head` /
+    `pretext_neck.head` -> decoder_pred (pixel or token head, kept either way), `rd_pos_embed`, `mask_token`.
+    The alignment encoder (`alignment_encoder.*` or `teacher.*`) becomes the EMA teacher with `keep_teacher`;
+    at momentum 0 it is a copy of the encoder and is left out. An older file without `rd_pos_embed` gets
+    the encoder's table (the authors build both from the same sin-cos function). An encoder saved without
+    the `encoder.` prefix (fine-tuning layout) is accepted. Keys of no known layout are returned with the
+    dropped ones for the caller to refuse.
     """
     if not any(k.startswith("encoder.") for k in sd):
         sd = {"encoder." + k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    if "encoder_to_decoder.weight" in sd:
+        raise ValueError(
+            "this CAE checkpoint projects the encoder output to a narrower decoder (encoder_to_decoder, CAE v2), "
+            "which mimkit's CAE does not have; import its encoder alone with --encoder-only"
+        )
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in sd.items():
-        new = key
-        if key.startswith(("encoder.", "teacher.")):
-            if key.startswith("teacher.") and not keep_teacher:
+        teacher = next((t for t in _CAE_TEACHERS if key.startswith(t)), None)
+        if teacher is not None:
+            if not keep_teacher:
                 dropped.append(key)
                 continue
-            for a, b in _CAE_BLOCK:
-                new = new.replace(a, b)
-        elif key.startswith("pretext_neck.regressor_blocks."):
-            new = key.replace("pretext_neck.", "")
-            for a, b in _CAE_REGRESSOR:
-                new = new.replace(a, b)
-        elif key.startswith("pretext_neck.decoder_blocks."):
-            new = key.replace("pretext_neck.", "")
-            for a, b in _CAE_BLOCK:
-                new = new.replace(a, b)
-        elif key.startswith("pretext_neck.norm."):
-            new = key.replace("pretext_neck.norm.", "regressor_norm.")
-        elif key.startswith("pretext_neck.norm2."):
-            new = key.replace("pretext_neck.norm2.", "decoder_norm.")
-        elif key.startswith("pretext_neck.head."):
-            new = key.replace("pretext_neck.head.", "decoder_pred.")
-        elif key == "mask_token":
-            pass
-        elif key.startswith("encoder_to_decoder"):
-            raise ValueError(
-                "this CAE checkpoint projects the encoder output to a narrower decoder (encoder_to_decoder), "
-                "which mimkit's CAE does not have; import its encoder alone by removing the other keys"
-            )
+            key = "encoder." + key[len(teacher) :]
+        for theirs, ours, renames in _CAE_PREFIXES:
+            if key.startswith(theirs):
+                new = ours + key[len(theirs) :]
+                for a, b in renames:
+                    new = new.replace(a, b)
+                out[("teacher." + new[len("encoder.") :]) if teacher else new] = value
+                break
         else:
             dropped.append(key)
-            continue
-        out[new] = value
-    if "encoder.pos_embed" in out and "decoder_blocks.0.norm1.weight" in out:
-        out["decoder_pos_embed"] = out["encoder.pos_embed"][:, 1:].clone()
+    if "encoder.pos_embed" in out and "regressor_blocks.0.norm_q.weight" in out:
+        out.setdefault("rd_pos_embed", out["encoder.pos_embed"].clone())
     return out, dropped
 
 
 def _cae_config(sd: Mapping[str, torch.Tensor], args: dict[str, Any], overrides: dict[str, Any]) -> dict:
     D, C, p, _ = sd["encoder.patch_embed.proj.weight"].shape
     heads = standard_heads(D)
+    encoder_ls = sd.get("encoder.blocks.0.ls1.gamma")
     cfg: dict[str, Any] = dict(
         patch_size=p,
         in_chans=C,
@@ -221,13 +244,28 @@ def _cae_config(sd: Mapping[str, torch.Tensor], args: dict[str, Any], overrides:
         num_heads=heads,
         img_size=_img_size(sd["encoder.pos_embed"].shape[1] - 1, p, overrides.get("img_size")),
         mlp_ratio=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0] / D,
-        layer_scale_init=0.1 if "encoder.blocks.0.ls1.gamma" in sd else None,
-        regressor_depth=_count(sd, "regressor_blocks."),
-        decoder_depth=_count(sd, "decoder_blocks."),
-        decoder_embed_dim=None,
+        layer_scale_init=0.1 if encoder_ls is not None else None,
+        decoder_layer_scale_init=0.1 if "regressor_blocks.0.ls1.gamma" in sd else None,
         decoder_num_heads=int(args.get("decoder_num_heads", heads)),
         target="pixel",
     )
+    if "regressor_blocks.0.norm_q.weight" in sd:
+        cfg.update(
+            regressor_depth=_count(sd, "regressor_blocks."), decoder_depth=_count(sd, "decoder_blocks.")
+        )
+    head = sd.get("decoder_pred.weight")
+    if head is not None and head.shape[0] != p * p * C:
+        # A token head (e.g. the DALL-E tokenizer's 8192 codes): kept; the model needs a tokenizer (set
+        # tokenizer_path) or target ids passed to forward before it can compute its loss.
+        cfg.update(target="token", vocab_size=int(head.shape[0]))
+    # The authors' training arguments: num_mask_patches, drop_path, align_loss_weight, (norm_pix_loss).
+    grid = (sd["encoder.pos_embed"].shape[1] - 1) if "num_mask_patches" in args else 0
+    if grid:
+        cfg["mask_ratio"] = int(args["num_mask_patches"]) / grid
+    if "drop_path" in args:
+        cfg["drop_path_rate"] = float(args["drop_path"])
+    if "align_loss_weight" in args:
+        cfg["align_weight"] = float(args["align_loss_weight"])
     if "norm_pix_loss" in args:
         cfg["norm_pix_loss"] = bool(args["norm_pix_loss"])
     return cfg
@@ -303,15 +341,22 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def import_checkpoint(
-    path: str | Path, source: str = "mae", model: str | None = None, **overrides: Any
+    path: str | Path,
+    source: str = "mae",
+    model: str | None = None,
+    encoder_only: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Convert an official or Hugging Face checkpoint into a mimkit checkpoint dict.
 
     source: "mae" | "cae" | "convmae" (a .pth / .pt / .safetensors file in the authors' layout) or "hf"
     (a directory with config.json + model.safetensors or pytorch_model.bin). `model` picks the preset name
     (default: inferred); `overrides` set config fields the shapes do not reveal (e.g. num_heads).
-    A checkpoint without a decoder (encoder-only release) gives a model whose decoder is freshly
-    initialised; `ckpt['imported_from']['initialised']` lists those tensors.
+
+    The import is strict: a tensor of the model that the file lacks, or a tensor of the file that has no
+    place in the model, is an error naming them. `encoder_only=True` accepts a file that holds just an
+    encoder (a released encoder, a fine-tuned backbone, mimkit's own encoder.safetensors): everything else is
+    freshly initialised and listed in `ckpt['imported_from']['initialised']`.
     Save the result with `mimkit.engine.checkpoint.atomic_save(ckpt, 'out.pt')`.
     """
     if source not in SOURCES:
@@ -330,22 +375,26 @@ def import_checkpoint(
             sd, method = mae_from_official_state_dict(raw), "mae"
             cfg = _mae_config(sd, args, overrides)
         elif source == "cae":
-            sd, dropped = cae_from_official_state_dict(raw, keep_teacher=overrides.get("momentum", 0.0) > 0)
+            keep_teacher = float(overrides.get("momentum", 0.0)) > 0
+            sd, dropped = cae_from_official_state_dict(raw, keep_teacher=keep_teacher)
+            unknown = [k for k in dropped if not k.startswith(_CAE_TEACHERS)]
+            if unknown and not encoder_only:
+                raise ValueError(
+                    f"{path}: {len(unknown)} tensors match no CAE layout mimkit knows, e.g. {unknown[:4]}; "
+                    "pass --encoder-only to import just the encoder"
+                )
             method = "cae"
             cfg = _cae_config(sd, args, overrides)
-            ph, pw = sd["encoder.patch_embed.proj.weight"].shape[-2:]
-            if (
-                "decoder_pred.weight" in sd
-                and sd["decoder_pred.weight"].shape[0] != ph * pw * cfg["in_chans"]
-            ):
-                # Token-target head (e.g. DALL-E 8192 codes): no tokenizer to pair it with here.
-                dropped += [k for k in raw if k.startswith("pretext_neck.head.")]
-                del sd["decoder_pred.weight"], sd["decoder_pred.bias"]
         else:
             from ..methods.convmae import convmae_from_official_state_dict
 
             sd, method = convmae_from_official_state_dict(raw), "convmae"
             cfg = _convmae_config(sd, args, overrides)
+    if "encoder.patch_embed.proj.weight" not in sd and "encoder.patch_embed1.proj.weight" not in sd:
+        raise ValueError(
+            f"{path} holds no {method} encoder (no patch embedding among {len(sd)} tensors); "
+            f"is it a {method} checkpoint? (--from mae|cae|convmae|hf)"
+        )
     cfg.update(overrides)
     name = _preset_for(method, cfg, model)
     net = create_model(name, **cfg)
@@ -356,21 +405,30 @@ def import_checkpoint(
                 f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(own[key].shape)}; "
                 "pass the matching option (e.g. num_heads=, img_size=) or --model"
             )
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if k.startswith("encoder.")}
     result = net.load_state_dict(sd, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint tensors with no place in {name}: {result.unexpected_keys[:8]}")
-    initialised = list(result.missing_keys)
-    if initialised:
+    initialised = [k for k in result.missing_keys if not k.startswith(("tokenizer.", "teacher."))]
+    if initialised and not encoder_only:
+        raise ValueError(
+            f"{path} lacks {len(initialised)} tensors of {name} (e.g. {_summarise(initialised)}): importing "
+            "it would leave them freshly initialised. If the file holds only an encoder, pass --encoder-only "
+            "(Python: encoder_only=True); otherwise check --from and --model"
+        )
+    if any(k.startswith("teacher.") for k in result.missing_keys):
+        net.teacher.load_state_dict(
+            net.encoder.state_dict()
+        )  # no teacher in the file: start from the encoder
+    if encoder_only and initialised:
         warnings.warn(
-            f"{len(initialised)} tensors are not in the checkpoint and keep their fresh initialisation "
-            f"(e.g. {initialised[:3]}); fine for using the encoder, retrain them before reconstructing",
+            f"{len(initialised)} tensors outside the encoder keep their fresh initialisation "
+            f"({_summarise(initialised)}); fine for using the encoder, retrain them before reconstructing",
             stacklevel=2,
         )
-    if dropped:
-        warnings.warn(
-            f"ignored {len(dropped)} checkpoint tensors with no mimkit counterpart: {dropped[:4]}",
-            stacklevel=2,
-        )
+    if encoder_only and dropped:
+        warnings.warn(f"ignored {len(dropped)} checkpoint tensors: {_summarise(dropped)}", stacklevel=2)
     return {
         "format": FORMAT,
         "model_name": name,

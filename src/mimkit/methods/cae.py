@@ -4,11 +4,20 @@ encoder's own latents of the masked patches, and a decoder that maps predicted l
 
 Forward pass (mask = True where hidden; V visible, M masked patches per image):
 
-    z_vis   = encoder(visible patches)                       [B, 1 + V, D]  (class token kept)
-    z_m     = regressor(mask tokens | z_vis)                 [B, M, D]      (cross-attention, z_vis frozen)
+    z       = encoder(visible patches)                       [B, 1 + V, D]  (class token first)
+    z_m     = regressor(mask tokens | z[:, 1:])              [B, M, D]      (cross-attention over the visible
+                                                                            patch latents and the queries;
+                                                                            no class token, z read only)
     target  = sg(encoder(masked patches))[:, 1:]             [B, M, D]      (live encoder at momentum 0)
-    pred_m  = decoder(z_m + pos_m)                           [B, M, K]      (never sees z_vis)
+    pred_m  = decoder(z_m + pos_m)                           [B, M, K]      (never sees z)
     loss    = decode_loss(pred_m) + align_weight * MSE(z_m, target)
+
+As the authors compute it (checked against their code's outputs in tests/test_golden_parity.py): the regressor
+and the decoder share one fixed sin-cos position table (`rd_pos_embed`, the authors' name and layout);
+stochastic depth rises linearly to `drop_path_rate` in the encoder, the regressor and the decoder alike; the
+patch embedding, class token and mask token start from a normal of std 0.02 truncated at +-0.02; the
+alignment pass runs in the model's own mode (`teacher_mode="train"`: drop-path active, a stochastic target,
+as the authors; "eval" makes it deterministic).
 """
 
 from __future__ import annotations
@@ -42,8 +51,7 @@ class CAEConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     regressor_depth: int = 4
-    decoder_depth: int = 4
-    decoder_embed_dim: int | None = None  # None = embed_dim (CAE decodes at the encoder's width)
+    decoder_depth: int = 4  # the regressor and the decoder run at the encoder's width, as CAE v1
     decoder_num_heads: int | None = None  # None = num_heads
     mask_ratio: float = 0.5
     mask_kind: str = "block"  # block | random | grid
@@ -51,10 +59,14 @@ class CAEConfig:
     norm_pix_loss: bool = True
     align_weight: float = 2.0
     momentum: float = 0.0  # 0: the live encoder gives the alignment target; > 0: an EMA teacher
-    layer_scale_init: float | None = 0.1
-    drop_path_rate: float = 0.0
+    layer_scale_init: float | None = 0.1  # encoder (CAE-L: 1e-5)
+    decoder_layer_scale_init: float | None = 0.1  # regressor and decoder (0.1 at every size, as the authors)
+    drop_path_rate: float = 0.0  # encoder, regressor and decoder, each rising linearly from 0
+    teacher_mode: str = "train"  # alignment pass in the model's mode ("train", authors') or always "eval"
     tokenizer_path: str | None = None  # a `mimkit tokenizer train` file (or DALL-E encoder); target="token"
-    vocab_size: int | None = None  # None = the tokenizer's codebook size; if set, must match it
+    # None = the tokenizer's codebook size; if set, must match it. Without a tokenizer (an imported token head),
+    # forward needs `target_ids`.
+    vocab_size: int | None = None
     norm_eps: float = 1e-6
 
 
@@ -86,6 +98,15 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def _drop_path_rates(rate: float, depth: int) -> list[float]:
+    return torch.linspace(0, rate, depth).tolist()
+
+
+def _init_token_like(tensor: torch.Tensor) -> None:
+    """The authors' init for the patch embedding, class token and mask token: N(0, 0.02) cut at +-0.02."""
+    nn.init.trunc_normal_(tensor, std=0.02, a=-0.02, b=0.02)
+
+
 class CAE(nn.Module):
     method = "cae"
 
@@ -96,10 +117,12 @@ class CAE(nn.Module):
             raise ValueError(f"CAE target must be 'pixel' or 'token', got {c.target!r}")
         if not 0.0 <= c.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {c.momentum}")
+        if c.teacher_mode not in ("train", "eval"):
+            raise ValueError(f"CAE teacher_mode must be 'train' or 'eval', got {c.teacher_mode!r}")
         self.encoder = VisionTransformer(
             c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio,
             qkv_bias="qv", drop_path_rate=c.drop_path_rate, layer_scale_init=c.layer_scale_init,
-            norm_eps=c.norm_eps,
+            norm_eps=c.norm_eps, pos_layout="cae",
         )  # fmt: skip
         self.patch_size = c.patch_size
         self.grid_size = self.encoder.grid_size
@@ -107,51 +130,44 @@ class CAE(nn.Module):
 
         # Frozen tokenizer for token targets; part of the state dict so a checkpoint is self-contained.
         self.tokenizer: nn.Module | None = None
-        if c.target == "token":
+        if c.target == "token" and c.tokenizer_path is None and c.vocab_size:
+            out_dim = c.vocab_size  # an imported token head; forward takes the target ids
+        elif c.target == "token":
             self.tokenizer = self._load_tokenizer()
             out_dim = self.tokenizer.codebook_size
         else:
             ph, pw = self.encoder.patch_embed.patch_size
             out_dim = ph * pw * c.in_chans
 
-        # Latent contextual regressor: one learned mask token per masked patch, cross-attending to z_vis.
+        # Position table of the regressor and the decoder (the authors' `rd_pos_embed`, class row first).
+        rd_pos = sincos_2d(c.embed_dim, self.grid_size, cls_token=True, layout="cae").unsqueeze(0)
+        self.rd_pos_embed = nn.Parameter(rd_pos, requires_grad=False)  # [1, 1 + L, D]
+
+        # Latent contextual regressor: one learned mask token per masked patch, cross-attending to the
+        # visible patch latents and the current queries.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        heads = c.decoder_num_heads or c.num_heads
         self.regressor_blocks = nn.ModuleList(
             CrossAttentionBlock(
-                c.embed_dim,
-                c.num_heads,
-                c.mlp_ratio,
-                "qv",
-                layer_scale_init=c.layer_scale_init,
-                norm_eps=c.norm_eps,
+                c.embed_dim, heads, c.mlp_ratio, "qv", rate, c.decoder_layer_scale_init, c.norm_eps
             )
-            for _ in range(c.regressor_depth)
+            for rate in _drop_path_rates(c.drop_path_rate, c.regressor_depth)
         )
         self.regressor_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
 
         # Decoder over the regressor's output only (never the visible latents).
-        dec_dim = c.decoder_embed_dim or c.embed_dim
-        self.decoder_embed = nn.Linear(c.embed_dim, dec_dim) if dec_dim != c.embed_dim else nn.Identity()
-        dec_pos = sincos_2d(dec_dim, self.grid_size).unsqueeze(0)  # [1, L, Dd]
-        self.decoder_pos_embed = nn.Parameter(dec_pos, requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(
-                dec_dim,
-                c.decoder_num_heads or c.num_heads,
-                c.mlp_ratio,
-                qkv_bias="qv",
-                layer_scale_init=c.layer_scale_init,
-                norm_eps=c.norm_eps,
-            )
-            for _ in range(c.decoder_depth)
+            Block(c.embed_dim, heads, c.mlp_ratio, "qv", rate, c.decoder_layer_scale_init, c.norm_eps)
+            for rate in _drop_path_rates(c.drop_path_rate, c.decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(dec_dim, eps=c.norm_eps)
-        self.decoder_pred = nn.Linear(dec_dim, out_dim)
+        self.decoder_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
+        self.decoder_pred = nn.Linear(c.embed_dim, out_dim)
 
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in (self.regressor_blocks, self.regressor_norm, self.decoder_embed, self.decoder_blocks,
-                  self.decoder_norm, self.decoder_pred):  # fmt: skip
+        for m in (self.regressor_blocks, self.regressor_norm, self.decoder_blocks, self.decoder_norm,
+                  self.decoder_pred):  # fmt: skip
             init_linear_and_norm(m)
+        for t in (self.encoder.patch_embed.proj.weight, self.encoder.cls_token, self.mask_token):
+            _init_token_like(t)
 
         # EMA teacher only when momentum > 0; at momentum 0 the live encoder (no grad) gives the target.
         self.teacher: VisionTransformer | None = None
@@ -184,9 +200,10 @@ class CAE(nn.Module):
 
     def train(self, mode: bool = True) -> CAE:
         super().train(mode)
-        for frozen in (self.tokenizer, self.teacher):
-            if frozen is not None:
-                frozen.eval()  # frozen parts never use drop-path, whatever the mode
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        if self.teacher is not None and self.config.teacher_mode == "eval":
+            self.teacher.eval()
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -195,29 +212,27 @@ class CAE(nn.Module):
         return self.encoder.forward_features(images, mask)
 
     def _positions(self, mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder position embeddings of the (class + visible) and the masked tokens, grid order."""
-        pos = self.encoder.pos_embed.to(dtype).expand(mask.shape[0], -1, -1)  # [B, 1 + L, D]
-        pos_vis = torch.cat([pos[:, :1], gather_visible(pos[:, 1:], mask)], dim=1)  # [B, 1 + V, D]
-        pos_m = gather_visible(pos[:, 1:], ~mask)  # [B, M, D]
-        return pos_vis, pos_m
+        """Positions of the visible [B, V, D] and the masked [B, M, D] patches, grid order (`rd_pos_embed`)."""
+        pos = self.rd_pos_embed[:, 1:].to(dtype).expand(mask.shape[0], -1, -1)  # [B, L, D]
+        return gather_visible(pos, mask), gather_visible(pos, ~mask)
 
     def forward_regressor(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Visible latents [B, 1 + V, D] -> predicted latents of the masked patches Z_m [B, M, D].
+        """Encoder output [B, 1 + V, D] -> predicted latents of the masked patches Z_m [B, M, D].
 
-        The visible latents are keys/values only; they are read, never written.
+        The class token is dropped: keys/values are the visible patch latents and the current queries (as the
+        authors). The visible latents are read, never written.
         """
+        z_vis = latent[:, 1:]  # [B, V, D]
         pos_vis, pos_m = self._positions(mask, latent.dtype)
         x_q = self.mask_token.to(latent.dtype).expand(pos_m.shape[0], pos_m.shape[1], -1)  # [B, M, D]
-        pos_kv = torch.cat([pos_vis, pos_m], dim=1)  # [B, 1 + V + M, D]
+        pos_kv = torch.cat([pos_vis, pos_m], dim=1)  # [B, V + M, D]
         for block in self.regressor_blocks:
-            x_q = block(x_q, torch.cat([latent, x_q], dim=1), pos_m, pos_kv)
+            x_q = block(x_q, torch.cat([z_vis, x_q], dim=1), pos_m, pos_kv)
         return self.regressor_norm(x_q)
 
     def forward_decoder(self, latent_masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Latents of the masked patches [B, M, D] -> predictions [B, M, K] (pixels or token logits)."""
-        x = self.decoder_embed(latent_masked)  # [B, M, Dd]
-        pos = self.decoder_pos_embed.to(x.dtype).expand(mask.shape[0], -1, -1)  # [B, L, Dd]
-        x = x + gather_visible(pos, ~mask)
+        x = latent_masked + self._positions(mask, latent_masked.dtype)[1]  # [B, M, D]
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))
@@ -227,10 +242,11 @@ class CAE(nn.Module):
         """sg(encoder output on the masked patches alone) [B, M, D], class token dropped.
 
         Momentum 0: the live encoder under no_grad (no copy of the weights). Momentum > 0: the EMA teacher.
-        Stochastic depth is off for this pass so the target is deterministic.
+        teacher_mode "train" runs it in the model's mode (in training, drop-path makes the target stochastic,
+        as the authors' code); "eval" switches stochastic depth off for this pass.
         """
         net = self.teacher if self.teacher is not None else self.encoder
-        with _eval_mode(net):
+        with _eval_mode(net) if self.config.teacher_mode == "eval" else contextlib.nullcontext():
             return net.forward_features(images, ~mask)[:, 1:].detach()
 
     @torch.no_grad()
@@ -248,16 +264,26 @@ class CAE(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def decode_target(self, images: torch.Tensor) -> torch.Tensor:
         """Targets for every patch: normalised pixels [B, L, p*p*C] (float) or token ids [B, L] (long)."""
-        if self.tokenizer is not None:
+        if self.config.target == "token":
+            if self.tokenizer is None:
+                raise ValueError(
+                    "this CAE predicts tokenizer ids but has no tokenizer: set tokenizer_path (e.g. `mimkit "
+                    "import ... --set tokenizer_path=tok.safetensors`) or pass target_ids to forward"
+                )
             with torch.no_grad():
                 return self.tokenizer.encode(images)
         return pixel_target(images, self.patch_size, self.config.norm_pix_loss)
 
     def forward_loss(
-        self, images: torch.Tensor, pred_m: torch.Tensor, mask: torch.Tensor
+        self,
+        images: torch.Tensor,
+        pred_m: torch.Tensor,
+        mask: torch.Tensor,
+        target_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        target = self.decode_target(images)
-        if self.tokenizer is not None:
+        """Decoder loss on the masked patches; `target_ids` [B, L] stands in for the tokenizer's ids."""
+        target = target_ids if target_ids is not None else self.decode_target(images)
+        if self.config.target == "token":
             ids = gather_visible(target.unsqueeze(-1), ~mask).squeeze(-1)  # [B, M]
             logits = pred_m.float().flatten(0, 1)  # [B*M, K]
             loss = F.cross_entropy(logits, ids.flatten())
@@ -274,9 +300,12 @@ class CAE(nn.Module):
         pred[mask] = pred_m.reshape(-1, pred_m.shape[-1])
         return pred
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, target_ids: torch.Tensor | None = None
+    ) -> MIMOutput:
         """-> MIMOutput(loss, pred [B, L, K] (zeros at visible positions), mask, metrics:
-        loss_decode, loss_align (+ token_acc for token targets))."""
+        loss_decode, loss_align (+ token_acc for token targets)). `target_ids` [B, L]: token targets given
+        by the caller instead of the model's tokenizer."""
         if mask is None:
             mask = self.mask_generator(images.shape[0])
         mask = mask.to(images.device)
@@ -284,7 +313,7 @@ class CAE(nn.Module):
         latent_m = self.forward_regressor(latent, mask)  # [B, M, D]
         target_latent = self.alignment_target(images, mask)  # [B, M, D], no grad
         pred_m = self.forward_decoder(latent_m, mask)  # [B, M, K]
-        loss_decode, extra = self.forward_loss(images, pred_m, mask)
+        loss_decode, extra = self.forward_loss(images, pred_m, mask, target_ids)
         loss_align = F.mse_loss(latent_m.float(), target_latent.float())
         loss = loss_decode + self.config.align_weight * loss_align
         metrics = {"loss_decode": loss_decode.detach(), "loss_align": loss_align.detach(), **extra}
@@ -308,7 +337,7 @@ class CAE(nn.Module):
     def extra_reconstructions(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """For `mimkit visualize`: predictions [B, L, p*p*C] decoded straight from the encoder (pixel targets
         only; empty for token targets). The regressor path is `forward(...).pred`."""
-        if self.tokenizer is not None:
+        if self.config.target == "token":
             return {}
         return {"encoder -> decoder": self.reconstruct_without_regressor(images, mask.to(images.device))}
 
@@ -323,7 +352,7 @@ class CAE(nn.Module):
         are the input's. With norm_pix_loss the predictions are de-normalised with each true patch's mean and
         std (as MAE's pictures do).
         """
-        if self.tokenizer is not None:
+        if self.config.target == "token":
             raise ValueError("pixel reconstructions need a CAE trained with target='pixel'")
         mask = mask.to(images.device)
         if through_regressor:
@@ -354,7 +383,7 @@ register_model(
 )  # fmt: skip
 register_model("cae_vit_small_patch16_224", CAE, _preset(embed_dim=384, depth=12, num_heads=6))
 register_model("cae_vit_base_patch16_224", CAE, _preset(embed_dim=768, depth=12, num_heads=12))
-# Large: BEiT-L's layer-scale init 1e-5 (SPEC states 0.1 for Base only).
+# Large: layer scale 1e-5 in the encoder only; the authors' factory leaves the regressor and decoder at 0.1.
 register_model(
     "cae_vit_large_patch16_224", CAE, _preset(embed_dim=1024, depth=24, num_heads=16, layer_scale_init=1e-5)
 )
