@@ -129,13 +129,11 @@ def test_lr_schedule_and_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert {
-        "encoder.cls_token",
-        "mask_token",
-        "encoder.blocks.0.norm1.weight",
-        "decoder_pred.bias",
-    } <= skipped
-    assert "encoder.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    assert {"encoder.blocks.0.norm1.weight", "decoder_pred.bias", "encoder.blocks.0.attn.qkv.bias"} <= skipped
+    # the authors decay every tensor of 2+ dims that is not a bias, the class and mask tokens included
+    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.cls_token", "mask_token"} <= {
+        names[id(p)] for p in decay["params"]
+    }
     # frozen sin-cos position embeddings are not optimised at all
     assert "encoder.pos_embed" not in skipped | {names[id(p)] for p in decay["params"]}
 

@@ -8,9 +8,10 @@ from torch import nn
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights, tokens and position embeddings take no weight decay (MAE recipe)."""
-    leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or "token" in leaf or "pos_embed" in leaf
+    """Biases and 1-d tensors (norms, layer scales, q/v biases) take no weight decay; every other tensor,
+    class and mask tokens included, does, as in the MAE, CAE and ConvMAE authors' pretraining scripts.
+    (The fixed sin-cos position tables have no gradient and are not optimised at all.)"""
+    return param.ndim <= 1 or name.endswith(".bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
