@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "export",
     "shards": "shards",
     "bench": "bench",
+    "list-models": "list_models",
 }
 
 

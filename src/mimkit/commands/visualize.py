@@ -1,4 +1,4 @@
-"""`mimkit visualize --checkpoint run/checkpoint.pt --out recon.png`"""
+"""`mimkit visualize --checkpoint run/checkpoint.pt [--out recon.png]` (default: beside the checkpoint)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "visualize",
         help="write a PNG grid: original | masked | reconstruction | reconstruction + visible patches",
+        description="Reconstruct held-out images (the test split when there is one) with seeded masks and "
+        "save the picture, by default as reconstructions.png in the checkpoint's folder.",
     )
-    p.add_argument("--checkpoint", required=True, help="a mimkit checkpoint (pretrain's checkpoint.pt)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a whole-model file: pretrain's checkpoint.pt, an import, or an hf / safetensors export "
+        "(encoder-only files have no decoder to reconstruct with)",
+    )
     p.add_argument(
         "--data", default=None, help="data source (default: the one the checkpoint was trained on)"
     )
@@ -22,24 +29,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--mask-ratio", type=float, default=None, help="override the model's mask ratio")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--out", default=None, help="PNG path (default: <checkpoint folder>/reconstructions.png)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..interop.loading import build_method_model, read_weights
 
-    ckpt = load_checkpoint(args.checkpoint)
+    weights = read_weights(args.checkpoint)
+    if weights.kind != "model":
+        raise ValueError(
+            f"{args.checkpoint} holds the {weights.kind} only, without the decoder that reconstructs images; "
+            "pass the whole model (pretrain's checkpoint.pt)"
+        )
     overrides = {"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {}
-    if overrides:
-        ckpt["model_config"] = {**ckpt["model_config"], **overrides}
-    model = model_from_checkpoint(ckpt)
-    data_cfg = (ckpt.get("config") or {}).get("data", {})
+    model = build_method_model(weights, **overrides)
+    data_cfg = (weights.meta.get("config") or {}).get("data", {})
     source = args.data or data_cfg.get("source") or "fashion_mnist"
     path = args.data_path or (data_cfg.get("path") if source == data_cfg.get("source") else None)
+    where = Path(args.checkpoint)
+    out_path = args.out or (where if where.is_dir() else where.parent) / "reconstructions.png"
+    same = source == data_cfg.get("source")
     out = visualize_model(
-        model, source, path, args.out, num_images=args.num_images, split=args.split, seed=args.seed,
-        mean=data_cfg.get("mean"), std=data_cfg.get("std"),
+        model, source, path, out_path, num_images=args.num_images, split=args.split, seed=args.seed,
+        mean=data_cfg.get("mean") if same else None, std=data_cfg.get("std") if same else None,
     )  # fmt: skip
     print(f"wrote {out}")
     return 0
