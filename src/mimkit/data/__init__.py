@@ -15,11 +15,9 @@ and resumes mid-epoch; build_loader makes the DataLoader.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,8 @@ __all__ = [
     "FashionMNIST",
     "ImageFolder",
     "MIMDataset",
+    "CappedImageFolder",
+    "ImageTooLarge",
     "ResumableSampler",
     "SubsetDataset",
     "SyntheticImages",
@@ -52,7 +52,6 @@ __all__ = [
     "mode_for_channels",
     "pretrain_transform",
     "read_idx",
-    "set_max_image_pixels",
     "to_mode",
 ]
 
@@ -88,6 +87,7 @@ def build_dataset(
     img_size: int | tuple[int, int] = 224,
     in_chans: int = 3,
     seed: int = 0,
+    max_image_pixels: int | None = None,
 ) -> torch.utils.data.Dataset:
     """A base dataset of (PIL image, int label) from `source`:
 
@@ -99,6 +99,8 @@ def build_dataset(
     num_samples (not synthetic): keep a random subset of that many items (seeded by `seed`, kept in order).
     img_size / in_chans matter for "synthetic" and set the folder's color mode; the transforms convert
     any source to the model's size and channel count.
+    max_image_pixels ("folder"): skip larger images with a warning, reading only their header (None: no cap
+    beyond Pillow's own).
     """
     if source == "folder":
         if path is None:
@@ -106,7 +108,10 @@ def build_dataset(
         root = Path(path).expanduser()
         if split and (root / split).is_dir():
             root = root / split
-        dataset = ImageFolder(root, in_chans=in_chans)
+        if max_image_pixels is None:
+            dataset = ImageFolder(root, in_chans=in_chans)
+        else:
+            dataset = CappedImageFolder(root, in_chans=in_chans, max_pixels=max_image_pixels)
     elif source == "fashion_mnist":
         dataset = FashionMNIST(path, split=split)
     elif source == "synthetic":
@@ -134,32 +139,31 @@ def build_dataset(
     return dataset
 
 
-_PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
-_pixel_limit: int | None = None  # what set_max_image_pixels set, handed to data-loader workers
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed (`data.max_image_pixels`): skipped like an unreadable file."""
 
 
-def set_max_image_pixels(limit: int | None) -> None:
-    """Treat images with more than `limit` pixels as unreadable: skipped with a warning, never decoded.
+class CappedImageFolder(ImageFolder):
+    """An ImageFolder that treats images over `max_pixels` as unreadable: skipped with a warning, once (the
+    folder remembers bad files), after reading only the file header, never decoding the pixels."""
 
-    Pillow reads the size from the file header when it opens a file and warns above `Image.MAX_IMAGE_PIXELS`
-    (refusing only at twice that); here the warning becomes the error an image folder skips the file for,
-    so an oversized image costs one header read, once. None keeps Pillow's own limit and behaviour.
-    Applies to this process and to data-loader workers started after the call.
-    """
-    global _pixel_limit
-    _pixel_limit = limit
-    if limit is None:
-        Image.MAX_IMAGE_PIXELS = _PILLOW_MAX_IMAGE_PIXELS
-        return
-    Image.MAX_IMAGE_PIXELS = int(limit)
-    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    def __init__(self, root: str | os.PathLike, in_chans: int = 3, max_pixels: int = 89_478_485, **kwargs):
+        super().__init__(root, in_chans, **kwargs)
+        self.max_pixels = max_pixels
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.samples[index][0]) as img:  # lazy: the header only
+            width, height = img.size
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels={self.max_pixels:,}"
+            )
+        return super().load(index)
 
 
-def _worker_init(worker_id: int, pixel_limit: int | None = None) -> None:
+def _worker_init(worker_id: int) -> None:
     # Workers each get one intra-op thread: N workers x all cores would oversubscribe the CPU.
     torch.set_num_threads(1)
-    if pixel_limit is not None:  # workers started by spawn / forkserver inherit no module state
-        set_max_image_pixels(pixel_limit)
     # A Ctrl-C or a SIGTERM sent to the whole process group is the main process's to handle: it finishes
     # the step, checkpoints and then shuts the workers down (they must live until then).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -207,7 +211,7 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=False,
-        worker_init_fn=functools.partial(_worker_init, pixel_limit=_pixel_limit) if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
         collate_fn=collate_fn,
         **extra,
     )

@@ -452,7 +452,7 @@ def validate(cfg: Config) -> None:
         if values is not None and in_chans is not None and len(values) != in_chans:
             raise ConfigError(
                 f"config key data.{key}={_show(values)} has {len(values)} value(s) but the model has "
-                f"in_chans={in_chans}: give one value per channel, or null for the source's statistics"
+                f"in_chans={in_chans}: expected one value per channel, or null for the source's statistics"
             )
 
 

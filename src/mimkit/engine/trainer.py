@@ -136,18 +136,10 @@ class Trainer:
 
     def _build_data(self):
         """(loader, dataset, position keeper): the dataset has set_epoch, the keeper set_epoch/set_start."""
-        from ..data import (
-            MIMDataset,
-            ResumableSampler,
-            build_dataset,
-            build_loader,
-            default_mean_std,
-            set_max_image_pixels,
-        )
+        from ..data import MIMDataset, ResumableSampler, build_dataset, build_loader, default_mean_std
         from ..data.transforms import pretrain_transform
 
         c, mc, seed = self.cfg.data, self.model.config, self.cfg.train.seed
-        set_max_image_pixels(c.max_image_pixels)
         mean, std = default_mean_std(c.source, mc.in_chans)
         transform = pretrain_transform(
             mc.img_size, mc.in_chans, c.mean or mean, c.std or std, scale=(c.min_crop_scale, 1.0)
@@ -162,7 +154,7 @@ class Trainer:
             return build_loader(dataset, c.batch_size, c.num_workers), dataset, dataset
         base = build_dataset(
             c.source, path=c.path, split=c.split, num_samples=c.num_samples,
-            img_size=mc.img_size, in_chans=mc.in_chans, seed=seed,
+            img_size=mc.img_size, in_chans=mc.in_chans, seed=seed, max_image_pixels=c.max_image_pixels,
         )  # fmt: skip
         if c.source == "folder":
             _check_readable(base, c.path)

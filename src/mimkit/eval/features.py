@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,36 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def _load_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """A feature cache file's content, or None (with a warning) when it is unreadable, not a mimkit cache or
+    inconsistent: a damaged or planted cache is a cache miss, rebuilt and overwritten, never an error. Loading
+    is weights_only, so a planted pickle runs no code."""
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError, EOFError, RuntimeError (zip), OSError ...
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    else:
+        features, labels = (
+            cached.get(k) if isinstance(cached, dict) else None for k in ("features", "labels")
+        )
+        tokens = cached.get("tokens") if isinstance(cached, dict) else None
+        if (
+            isinstance(features, torch.Tensor)
+            and isinstance(labels, torch.Tensor)
+            and features.ndim == 2
+            and len(features) == len(labels)
+            and (tokens is None or (isinstance(tokens, torch.Tensor) and len(tokens) == len(labels)))
+        ):
+            return cached
+        reason = "not a feature cache written by mimkit"
+    warnings.warn(
+        f"ignoring the feature cache {path} ({reason[:200]}); computing the features again",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
 def cached_features(
     encoder: nn.Module,
     data: Any,
@@ -156,8 +187,8 @@ def cached_features(
     pool = kwargs.get("pool", "auto")
     name = f"features-{cache_key(**key, pool=pool)}.pt"
     path = Path(cache_dir) / name if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+    cached = _load_cache(path) if path is not None and path.is_file() else None
+    if cached is not None:
         if not keep_tokens or "tokens" in cached:
             if verbose:
                 print(f"features: re-using {path}")
