@@ -227,7 +227,7 @@ def cae_from_official_state_dict(
                 break
         else:
             dropped.append(key)
-    if "encoder.pos_embed" in out and "regressor_blocks.0.norm_q.weight" in out:
+    if "encoder.pos_embed" in out:
         out.setdefault("rd_pos_embed", out["encoder.pos_embed"].clone())
     return out, dropped
 
