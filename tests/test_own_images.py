@@ -230,3 +230,35 @@ def test_own_photos_end_to_end(method, photos, tmp_path, monkeypatch, capsys):
             hf(pixel_values=images).last_hidden_state[:, 0], expected, atol=1e-5, rtol=0
         )
     torch.testing.assert_close(_features(mimkit.load(export / "hf"), images), expected, atol=1e-5, rtol=0)
+
+
+def test_finetuned_classifier_loads_and_exports(photos, tmp_path, capsys):
+    from mimkit.engine.checkpoint import save_model
+
+    tiny = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    save_model(mimkit.create_model("mae_vit_tiny_patch4_32", **tiny), tmp_path / "checkpoint.pt")
+    out = tmp_path / "ft"
+    argv = ["finetune", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--data", "folder", "--data-path",
+            str(photos), "--epochs", "1", "--batch-size", "8", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["split"]["kind"] == "holdout" and result["num_test"] == 4  # the same split as the probes
+    clf = mimkit.load(out / "classifier.pt")
+    assert clf.class_names == ["cat", "coffee", "rocket", "texture"]
+    transform = mimkit.load(out / "classifier.pt", eval_transform=True)[1]
+    images = torch.stack([transform(Image.open(photos / "rocket" / f"rocket_{i}.jpg")) for i in range(2)])
+    with torch.no_grad():
+        logits = clf(images)  # [2, 4]
+    assert logits.shape == (2, 4)
+    assert cli(["export", "--format", "timm", "--checkpoint", str(out / "classifier.pt"), "--out", "x"]) == 2
+    assert "--format safetensors" in capsys.readouterr().err  # and says why timm cannot hold it
+    exported = out / "classifier_export"
+    assert cli(["export", "--format", "safetensors", "--checkpoint", str(out / "classifier.pt"), "--out",
+                str(exported)]) == 0  # fmt: skip
+    again = mimkit.load(exported.with_suffix(".safetensors"))
+    assert again.class_names == clf.class_names
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), logits, atol=1e-6, rtol=0)
+    assert cli(["probe", "knn", "--checkpoint", str(out / "classifier.pt"), "--data", "folder", "--data-path",
+                str(photos), "--no-progress", "--out", str(tmp_path / "probe")]) == 0  # fmt: skip
