@@ -294,15 +294,23 @@ def test_output_dir_under_a_file(tmp_path, capsys):
     assert "cannot write to train.output_dir" in the_error(capsys)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_dir(tmp_path, capsys):
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o500)
+    if os.access(out, os.W_OK):  # root writes into read-only folders; /sys refuses even root
+        out = Path("/sys/mimkit-run")
+        try:
+            out.mkdir()
+        except OSError:
+            pass
+        else:
+            out.rmdir()
+            pytest.skip("no folder here that this user cannot write to")
     try:
         assert pretrain(out, "train.max_steps=1") == 2
     finally:
-        out.chmod(0o700)
+        (tmp_path / "ro").chmod(0o700)
     assert "cannot write to train.output_dir" in the_error(capsys)
 
 

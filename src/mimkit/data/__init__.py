@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .fashion_mnist import FashionMNIST, read_idx
 from .folder import IMG_EXTENSIONS, ImageFolder, mode_for_channels, to_mode
 from .mim_dataset import MIMDataset, mix_seed
@@ -125,9 +126,9 @@ def build_dataset(
         try:
             dataset = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
         except Exception as err:
-            raise RuntimeError(
+            raise DataError(
                 f"could not load or download CIFAR-10 into {str(root)!r} ({type(err).__name__}: {err}); "
-                "go online once, or use --data-source folder with your own images"
+                "go online once, or use data.source=folder with your own images"
             ) from err
         dataset.num_classes = len(dataset.classes)
     else:
