@@ -262,3 +262,20 @@ def test_finetuned_classifier_loads_and_exports(photos, tmp_path, capsys):
         torch.testing.assert_close(again(images), logits, atol=1e-6, rtol=0)
     assert cli(["probe", "knn", "--checkpoint", str(out / "classifier.pt"), "--data", "folder", "--data-path",
                 str(photos), "--no-progress", "--out", str(tmp_path / "probe")]) == 0  # fmt: skip
+
+
+def test_pretrain_checks_catch_grayscale_training_of_colour_photos_short_warmup_and_tiny_data(photos):
+    from mimkit.data import ImageFolder
+    from mimkit.data.checks import no_batch_message, pretrain_warnings
+
+    folder = ImageFolder(photos, in_chans=1)
+    warnings_ = pretrain_warnings(
+        folder, in_chans=1, batch_size=8, world_size=1, total_steps=3, warmup_steps=40
+    )
+    assert any("model.in_chans=3" in w for w in warnings_)
+    assert any("never reaches its peak" in w and "optim.warmup_steps" in w for w in warnings_)
+    assert any(f"only {len(folder)} images" in w for w in warnings_)
+    colour = ImageFolder(photos, in_chans=3)
+    assert not pretrain_warnings(colour, 3, 8, 1, total_steps=100, warmup_steps=10, min_images=10)
+    assert "data.batch_size=22" in no_batch_message(len(colour), batch_size=64)
+    assert no_batch_message(len(colour), batch_size=16) is None
