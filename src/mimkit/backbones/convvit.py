@@ -40,7 +40,7 @@ mlp.fc1,mlp.fc2}, stage{1,2}_output_decode, norm. LayerNorm eps: 1e-5 in patch e
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from torch import nn
 
 from ..layers import Block, DropPath, sincos_2d, to_2tuple
 from ..masking import upsample_mask
-from .vit import gather_visible, init_linear_and_norm
+from .vit import gather_visible, init_linear_and_norm, take_indices, tokens_to_map
 
 SpatialMix = Callable[[torch.Tensor, nn.Conv2d], torch.Tensor]
 
@@ -215,6 +215,9 @@ class ConvViT(nn.Module):
     (patch_embed1..4, pos_embed, blocks1, blocks2), i + 1 = blocks3.i, num_layers + 1 = the final norm and
     the stage1/2_output_decode fusion convs (they act after the last block).
 
+    timm's feature contract: `feature_info` lists stage 1 ("blocks1", C1, stride s1), stage 2 ("blocks2", C2,
+    s1*s2) and every ViT block ("blocks3.i", D, P); `forward_intermediates` picks among them by position.
+
     skip_masked: run masked batches on visible cells only in stages 1-2 (exact, faster; see module doc).
     masked_conv: multiply depthwise-conv inputs by the visible mask. Always True in use; False exists only
     to show the leak test can fail (it forces the dense path, since the visible-only path cannot leak).
@@ -273,6 +276,10 @@ class ConvViT(nn.Module):
             for i in range(depths[2])
         )
         self.norm = nn.LayerNorm(d, eps=norm_eps)
+        self.feature_info = [
+            {"num_chs": c1, "reduction": s1, "module": "blocks1"},
+            {"num_chs": c2, "reduction": s1 * s2, "module": "blocks2"},
+        ] + [{"num_chs": d, "reduction": self.patch_size, "module": f"blocks3.{i}"} for i in range(depths[2])]
         self.init_weights()
 
     # -- contract -------------------------------------------------------------------------------------
@@ -423,6 +430,49 @@ class ConvViT(nn.Module):
         return self._forward_dense(images, mask)["out"]
 
     forward = forward_features
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """Features picked by `indices` among `feature_info` (stage 1, stage 2, then each ViT block), on full
+        images, with timm's arguments: None = all, n = the last n, a sequence = those positions.
+
+        output_fmt "NCHW": [B, C, H/r, W/r] maps; "NLC": [B, (H/r)(W/r), C]. norm: a ViT block's output is
+        fused with stages 1-2 and normed as the final output is (`norm(x + fusion)`), so the last block with
+        norm=True equals forward_features; stages 1-2 have no norm of their own and come back as they are.
+        There are no prefix tokens (return_prefix_tokens is accepted and changes nothing, as in timm).
+        Returns the list when intermediates_only, else ([B, L, D] forward_features(x), list).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        taken = take_indices(len(self.feature_info), indices)
+        grid = self._check(x, None)
+        B = x.shape[0]
+        x1, x2, x3, fuse1, fuse2 = self._stages(x.permute(0, 2, 3, 1), depthwise_nhwc, depthwise_nhwc)
+        features: list[torch.Tensor] = []  # [B, C, h, w] maps, NCHW
+        if 0 in taken:
+            features.append(x1.permute(0, 3, 1, 2).contiguous())
+        if 1 in taken:
+            features.append(x2.permute(0, 3, 1, 2).contiguous())
+        tokens = x3.reshape(B, -1, self.embed_dim) + self.pos_embed_for(grid).to(x3.dtype)  # [B, L, D]
+        fuse = (fuse1 + fuse2).reshape(B, -1, self.embed_dim)  # [B, L, D]
+        blocks = self.blocks3[: max(0, taken[-1] - 1)] if stop_early else self.blocks3
+        for i, block in enumerate(blocks):
+            tokens = block(tokens)
+            if i + 2 in taken:
+                features.append(tokens_to_map(self.norm(tokens + fuse) if norm else tokens, grid))
+        if output_fmt == "NLC":
+            features = [f.flatten(2).transpose(1, 2) for f in features]  # [B, h*w, C]
+        if intermediates_only:
+            return features
+        return self.norm(tokens + fuse), features
 
     def forward_pyramid(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature pyramid on full images for detection / segmentation heads.

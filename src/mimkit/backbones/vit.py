@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -18,6 +20,30 @@ def gather_visible(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return tokens[visible].reshape(B, -1, D)
 
 
+def take_indices(num_features: int, indices: int | Sequence[int] | None = None) -> list[int]:
+    """timm's `indices` argument as sorted absolute positions among `num_features` features: None = all,
+    an int n = the last n, a sequence = those positions (negative ones count from the end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {num_features} features")
+        return list(range(num_features - indices, num_features))
+    taken = []
+    for i in indices:
+        j = i + num_features if i < 0 else i
+        if not 0 <= j < num_features:
+            raise ValueError(f"feature index {i} is out of range for {num_features} features")
+        taken.append(j)
+    return sorted(set(taken))
+
+
+def tokens_to_map(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w, C] tokens in row-major grid order -> [B, C, h, w] (contiguous NCHW)."""
+    B, _, C = tokens.shape
+    return tokens.reshape(B, grid_size[0], grid_size[1], C).permute(0, 3, 1, 2).contiguous()
+
+
 def scatter_visible(visible_tokens: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """Inverse of `gather_visible`: [B, keep, D] -> [B, L, D], masked positions set to `fill` ([D])."""
     B, L = mask.shape
@@ -31,6 +57,9 @@ class VisionTransformer(nn.Module):
 
     Keys match `timm.create_model('vit_*', num_classes=0)`: cls_token, pos_embed, patch_embed.proj,
     blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.
+
+    timm's feature contract: `forward_intermediates` (same arguments and results as timm's ViT / BEiT) and
+    `feature_info`, one entry per block (num_chs = embed_dim, reduction = patch size, module "blocks.i").
     """
 
     num_prefix_tokens = 1
@@ -67,6 +96,10 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        reduction = max(self.patch_embed.patch_size)
+        self.feature_info = [
+            {"num_chs": embed_dim, "reduction": reduction, "module": f"blocks.{i}"} for i in range(depth)
+        ]
         self.init_weights()
 
     @property
@@ -98,6 +131,45 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     forward = forward_features
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """Outputs of the blocks picked by `indices`, on full images (no mask), as timm's ViT.
+
+        indices: None = every block, n = the last n, a sequence = those blocks (negative from the end).
+        norm: apply the final norm to each. output_fmt: "NCHW" -> [B, D, H/p, W/p] maps, "NLC" -> [B, L, D]
+        patch tokens; the class token is dropped (return_prefix_tokens: pairs (map, [B, 1, D] class token)).
+        stop_early: skip the blocks after the last one picked (then the final features are not computed
+        from every block). Returns the list when intermediates_only, else ([B, 1 + L, D] final features
+        = forward_features(x), list).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        taken = take_indices(len(self.blocks), indices)
+        blocks = self.blocks[: taken[-1] + 1] if stop_early else self.blocks
+        x = self.prepend_cls(self.embed(x))  # [B, 1 + L, D]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]  # [B, 1, D] each
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]  # [B, L, D] each
+        if output_fmt == "NCHW":
+            intermediates = [tokens_to_map(y, self.grid_size) for y in intermediates]  # [B, D, h, w]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
