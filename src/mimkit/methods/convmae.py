@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from ..backbones.convvit import ConvViT
-from ..backbones.vit import init_linear_and_norm, scatter_visible
-from ..layers import Block, sincos_2d
+from ..backbones.vit import scatter_visible
+from ..layers import sincos_2d
 from ..masking import MaskGenerator
 from ..registry import register_model
 from ..targets import masked_mse, pixel_target
-from .base import MIMOutput
+from .base import MIMOutput, add_mae_decoder, run_mae_decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -85,19 +85,9 @@ class ConvMAE(nn.Module):
         self.grid_size = self.encoder.grid_size
         self.mask_generator = MaskGenerator(c.mask_kind, self.grid_size, c.mask_ratio)
 
-        self.decoder_embed = nn.Linear(c.embed_dims[-1], c.decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
-        pos = sincos_2d(c.decoder_embed_dim, self.grid_size).unsqueeze(0)  # [1, L, Dd], no class token
-        self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, norm_eps=c.norm_eps)
-            for _ in range(c.decoder_depth)
+        add_mae_decoder(
+            self, c.embed_dims[-1], c, self.patch_size**2 * c.in_chans, self.grid_size, cls_token=False
         )
-        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=c.norm_eps)
-        self.decoder_pred = nn.Linear(c.decoder_embed_dim, self.patch_size**2 * c.in_chans)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            init_linear_and_norm(module)
 
     def mask_generator_for(self, grid_size: tuple[int, int]) -> MaskGenerator:
         """The configured mask generator, or one of the same kind and ratio for another stage-3 grid."""
@@ -120,9 +110,7 @@ class ConvMAE(nn.Module):
             pos = sincos_2d(self.config.decoder_embed_dim, grid_size).unsqueeze(0).to(latent.device)
         x = self.decoder_embed(latent)  # [B, keep, Dd]
         x = scatter_visible(x, mask, self.mask_token.flatten()) + pos.to(x.dtype)  # [B, L, Dd]
-        for block in self.decoder_blocks:
-            x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))
+        return run_mae_decoder_blocks(self, x)
 
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = pixel_target(images, self.patch_size, self.config.norm_pix_loss)  # [B, L, p*p*C]

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbones.vit import VisionTransformer, init_linear_and_norm, scatter_visible
-from ..layers import Block, sincos_2d
+from ..backbones.vit import VisionTransformer, scatter_visible
 from ..masking import MaskGenerator
 from ..registry import register_model
 from ..targets import masked_mse, pixel_target
-from .base import MIMOutput
+from .base import MIMOutput, add_mae_decoder, run_mae_decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -48,22 +47,8 @@ class MAE(nn.Module):
         self.grid_size = self.encoder.grid_size
         self.mask_generator = MaskGenerator(c.mask_kind, self.grid_size, c.mask_ratio)
 
-        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
-        pos = sincos_2d(c.decoder_embed_dim, self.grid_size, cls_token=True).unsqueeze(0)
-        self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)  # [1, 1 + L, Dd]
-        self.decoder_blocks = nn.ModuleList(
-            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, norm_eps=c.norm_eps)
-            for _ in range(c.decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=c.norm_eps)
         patch_area = self.encoder.patch_embed.patch_size[0] * self.encoder.patch_embed.patch_size[1]
-        self.decoder_pred = nn.Linear(c.decoder_embed_dim, patch_area * c.in_chans)
-        nn.init.normal_(self.mask_token, std=0.02)
-        init_linear_and_norm(self.decoder_embed)
-        init_linear_and_norm(self.decoder_blocks)
-        init_linear_and_norm(self.decoder_norm)
-        init_linear_and_norm(self.decoder_pred)
+        add_mae_decoder(self, c.embed_dim, c, patch_area * c.in_chans, self.grid_size, cls_token=True)
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], [B, L] -> latent [B, 1 + keep, D] (class token first, visible tokens in grid order)."""
@@ -74,9 +59,7 @@ class MAE(nn.Module):
         x = self.decoder_embed(latent)  # [B, 1 + keep, Dd]
         patches = scatter_visible(x[:, 1:], mask, self.mask_token.flatten())  # [B, L, Dd]
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)  # [B, 1 + L, Dd]
-        for block in self.decoder_blocks:
-            x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop the class token's output
+        return run_mae_decoder_blocks(self, x)[:, 1:]  # drop the class token's output
 
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = pixel_target(images, self.patch_size, self.config.norm_pix_loss)  # [B, L, p*p*C]
