@@ -132,3 +132,204 @@ def test_intermediate_indices_are_checked():
         enc.forward_intermediates(images, indices=4)
     with pytest.raises(ValueError, match="output_fmt"):
         enc.forward_intermediates(images, output_fmt="NHWC")
+
+
+# ------------------------------------------------------------------------------------------------ pyramids
+
+
+@pytest.mark.parametrize(
+    "name, kw, expected",
+    [
+        ("mae_vit_tiny_patch4_32", dict(img_size=(32, 48)), {"p0": 1, "p1": 2, "p2": 4, "p3": 8}),
+        ("mae_vit_tiny_patch4_32", dict(img_size=(64, 96), patch_size=16), {"p2": 4, "p3": 8, "p4": 16, "p5": 32}),
+        ("convmae_tiny_patch8_64", dict(img_size=(48, 80)), {"p1": 2, "p2": 4, "p3": 8, "p4": 16}),
+        ("convmae_tiny_patch8_64", dict(img_size=(64, 96), strides=(4, 2, 2)), {"p2": 4, "p3": 8, "p4": 16, "p5": 32}),
+    ],
+)  # fmt: skip
+def test_pyramid_levels_for_square_and_non_square_inputs(name, kw, expected):
+    from mimkit.dense import build_pyramid
+
+    enc = _encoder(name, **kw)
+    pyramid = build_pyramid(enc, out_channels=8).eval()
+    H, W = kw["img_size"]
+    for size in ((H, W), (H, H)):
+        if name.startswith("mae") and size != (H, W):
+            continue  # a ViT runs at its own size (mimkit.dense.encoder_at_size rebuilds it)
+        with torch.no_grad():
+            levels = pyramid(torch.randn(2, 3, *size))
+        assert list(levels) == list(expected)  # finest first, named p<log2 stride>
+        for key, stride in expected.items():
+            assert levels[key].shape == (2, 8, -(-size[0] // stride), -(-size[1] // stride)), key
+    assert pyramid.strides == tuple(expected.values()) and pyramid.out_channels == 8
+
+
+def test_simple_pyramid_reads_the_normed_last_block():
+    """The ViT neck gets exactly the final features; changing the last block changes every level."""
+    from mimkit.dense import build_pyramid
+
+    enc = _encoder("mae_vit_tiny_patch4_32")
+    pyramid = build_pyramid(enc, out_channels=8).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        (m,) = pyramid.maps(images)
+        final = enc.forward_features(images)[:, 1:]  # [B, L, D] after the final norm
+        torch.testing.assert_close(m, final.reshape(2, 8, 8, -1).permute(0, 3, 1, 2), atol=0, rtol=0)
+        before = pyramid(images)
+        enc.blocks[-1].mlp.fc2.bias.add_(1.0)
+        after = pyramid(images)
+    assert all(not torch.allclose(before[k], after[k]) for k in before)
+
+
+def test_pixel_encoder_is_patchify():
+    from mimkit.dense import PixelEncoder
+    from mimkit.targets import patchify
+
+    images = torch.randn(2, 3, 16, 24)
+    (m,) = PixelEncoder(4, 3).forward_intermediates(images, intermediates_only=True)
+    assert m.shape == (2, 48, 4, 6)
+    torch.testing.assert_close(m.flatten(2).transpose(1, 2), patchify(images, 4), atol=0, rtol=0)
+
+
+def test_encoder_at_size_keeps_weights_and_uses_the_new_sincos_grid():
+    from mimkit.dense import encoder_at_size
+    from mimkit.layers import sincos_2d
+
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SIZES["mae"]).eval()
+    enc = encoder_at_size(model, 48)
+    assert enc.patch_embed.img_size == (48, 48)
+    torch.testing.assert_close(enc.pos_embed[0], sincos_2d(32, (12, 12), cls_token=True), atol=0, rtol=0)
+    torch.testing.assert_close(enc.blocks[1].mlp.fc1.weight, model.encoder.blocks[1].mlp.fc1.weight)
+    # A table that is not the sin-cos function is resized bicubically instead.
+    with torch.no_grad():
+        model.encoder.pos_embed.add_(0.5)
+    from mimkit.interop import resize_pos_embed
+
+    expected = resize_pos_embed(model.encoder.pos_embed, (8, 8), (12, 12))
+    torch.testing.assert_close(encoder_at_size(model, 48).pos_embed, expected)
+
+
+# ------------------------------------------------------------------------------------------ dense dataset
+
+
+class _Garments:
+    """A constructed garment source: garment g is a 10x12 patch, g-dependent pixel values (0 = empty,
+    then a ramp 1..240, so the intensity threshold cuts inside each garment), label g % 3."""
+
+    classes = ["a", "b", "c"]
+
+    def __init__(self, n: int = 9):
+        import numpy as np
+
+        ramp = np.arange(120, dtype=np.int64).reshape(10, 12) * 2 + 1
+        self.images = np.stack([((ramp + 7 * g) % 241).astype(np.uint8) for g in range(n)])
+        self.images[:, 0, :] = 0  # an empty first row
+        self.labels = np.arange(n) % 3
+
+
+def test_garment_canvas_masks_align_with_the_garments_placed():
+    import numpy as np
+
+    from mimkit.data.segmentation import GarmentCanvas
+
+    src = _Garments()
+    ds = GarmentCanvas("train", num_samples=20, canvas_size=(32, 40), max_garments=4, threshold=25,
+                       seed=3, garments=src)  # fmt: skip
+    assert ds.classes == ["background", "a", "b", "c"] and ds.num_classes == 4
+    counts = []
+    for i in range(len(ds)):
+        image, mask = ds.arrays(i)
+        covered = np.zeros(image.shape, dtype=bool)
+        layout = ds.layout(i)
+        counts.append(len(layout))
+        for g, top, left in layout:
+            box = (slice(top, top + 10), slice(left, left + 12))
+            assert not covered[box].any()  # no overlap
+            covered[box] = True
+            np.testing.assert_array_equal(image[box], src.images[g])  # the garment itself, in place
+            expected = np.where(src.images[g] > 25, src.labels[g] + 1, 0)
+            np.testing.assert_array_equal(mask[box], expected)  # its class where it is bright enough
+        assert not image[~covered].any() and not mask[~covered].any()  # background elsewhere
+        pil, tensor_mask = ds[i]
+        np.testing.assert_array_equal(np.asarray(pil), image)
+        np.testing.assert_array_equal(tensor_mask.numpy(), mask)
+    assert min(counts) >= 1 and max(counts) >= 3
+
+
+def test_garment_canvas_is_deterministic_per_seed_and_split():
+    import numpy as np
+
+    from mimkit.data.segmentation import GarmentCanvas
+
+    def items(split: str, seed: int):
+        ds = GarmentCanvas(split, num_samples=5, canvas_size=32, seed=seed, garments=_Garments())
+        return [ds.arrays(i) for i in range(5)]
+
+    a, b = items("train", 0), items("train", 0)
+    for (ia, ma), (ib, mb) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ma, mb)
+    for other in (items("train", 1), items("test", 0)):
+        assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, other))
+
+
+def test_segmentation_folder_round_trip_and_transform(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.data.segmentation import (
+        DenseTransform,
+        GarmentCanvas,
+        SegmentationFolder,
+        write_segmentation_folder,
+    )
+
+    ds = GarmentCanvas("test", num_samples=6, canvas_size=32, seed=0, garments=_Garments())
+    write_segmentation_folder(ds, tmp_path / "seg")
+    back = SegmentationFolder(tmp_path / "seg")
+    assert len(back) == 6 and back.classes == ds.classes
+    for i in range(6):
+        (img_a, mask_a), (img_b, mask_b) = ds[i], back[i]
+        np.testing.assert_array_equal(np.asarray(img_a), np.asarray(img_b))
+        assert torch.equal(mask_a, mask_b)
+    # The flat layout (NAME.png + NAME_mask.png), no classes.txt: classes up to the largest id.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "x.png")
+    Image.fromarray(np.full((8, 8), 4, np.uint8)).save(flat / "x_mask.png")
+    assert SegmentationFolder(flat).num_classes == 5
+    # Resizing moves image and mask together (nearest for the mask); normalisation as given.
+    image, mask = DenseTransform(64, 1, (0.5,), (0.5,))(*ds[0])
+    assert image.shape == (1, 64, 64) and mask.shape == (64, 64)
+    assert torch.equal(mask[::2, ::2], ds[0][1])
+    assert float(image.min()) == -1.0
+
+
+# ------------------------------------------------------------------------------------ segmentation check
+
+
+def test_a_head_trained_briefly_beats_chance_miou():
+    from mimkit.data.segmentation import DenseTransform, GarmentCanvas
+    from mimkit.eval.segmentation import (
+        DenseData,
+        SegmentationConfig,
+        confusion,
+        segmentation_metrics,
+        train_segmentation,
+    )
+
+    garments = _Garments()
+    garments.images[:, 1:, :] = (garments.labels[:, None, None] + 1) * 80  # the class shows in the intensity
+
+    def data(split: str, n: int) -> DenseData:
+        ds = GarmentCanvas(split, num_samples=n, canvas_size=32, seed=0, garments=garments)
+        return DenseData(ds, DenseTransform(32, 1, (0.5,), (0.5,)))
+
+    train, test = data("train", 64), data("test", 32)
+    # Chance: every pixel called background (the majority class).
+    chance = segmentation_metrics(confusion(torch.zeros_like(test.masks), test.masks, 4))["miou"]
+    enc = mimkit.create_model("mae_vit_tiny_patch4_32", **SIZES["mae"], in_chans=1).encoder
+    for head in ("linear", "fpn"):
+        config = SegmentationConfig(head=head, epochs=10, batch_size=16, lr=3e-3, channels=16)
+        result = train_segmentation(enc, train, test, 4, config, log=lambda *_: None)
+        assert result["train_loss_last"] < result["train_loss_first"]
+        assert result["miou"] > 1.5 * chance, (head, result["miou"], chance)

@@ -1,0 +1,235 @@
+"""Feature pyramids for detection and segmentation heads, one interface for plain ViTs and ConvMAE.
+
+    pyramid = mimkit.dense.build_pyramid(model.encoder, out_channels=256)
+    levels = pyramid(images)          # {"p2": [B, 256, H/4, W/4], ..., "p5": [B, 256, H/32, W/32]}
+
+Levels are named as detectron2 names them, `p{log2(stride)}`: a patch-16 ViT or a ConvMAE-B gives p2..p5
+(strides 4, 8, 16, 32); the tiny CPU presets give finer ones (patch-4 ViT: p0..p3, ConvMAE tiny: p1..p4).
+`pyramid.strides` and `pyramid.out_channels` say what came out.
+
+Where the levels come from (`encoder_maps`, through the encoder's timm feature contract):
+
+- plain ViT (MAE, CAE): the last block's output after the final norm, one map at stride p. The neck is
+  ViTDet's simple feature pyramid (Li et al., 2022): 2x2 stride-2 deconvolutions up to p/4 (two, with a
+  LayerNorm and GELU between) and p/2 (one), the map itself at p, a 2x2 max-pool to 2p; each followed by a
+  1x1 conv and a 3x3 conv to `out_channels`, each conv without bias and followed by a channel LayerNorm.
+- ConvMAE: its native hierarchy: stage 1 (stride p/4), stage 2 (p/2), the fused and normed output (p) and
+  its 2x2 max-pool (2p), each through the same 1x1 / 3x3 LayerNorm convs.
+
+The neck only needs the maps, so frozen-encoder heads can train on maps computed once
+(`pyramid.neck(maps)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ConvPyramidNeck",
+    "FeaturePyramid",
+    "LayerNorm2d",
+    "PixelEncoder",
+    "SimpleFeaturePyramid",
+    "build_pyramid",
+    "encoder_at_size",
+    "encoder_maps",
+    "level_name",
+]
+
+
+def level_name(stride: int) -> str:
+    """detectron2's level name for a stride: 4 -> "p2", 32 -> "p5"."""
+    level = math.log2(stride)
+    if level != int(level):
+        raise ValueError(f"pyramid strides must be powers of 2, got {stride}")
+    return f"p{int(level)}"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (detectron2's "LN" for convs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_ln(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """Conv (no bias, 'same' padding) + channel LayerNorm."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        LayerNorm2d(out_channels, eps=1e-6),
+    )
+
+
+def output_convs(in_channels: int, out_channels: int) -> nn.Sequential:
+    """ViTDet's per-level output: 1x1 conv + LN, then 3x3 conv + LN."""
+    return nn.Sequential(conv_ln(in_channels, out_channels, 1), conv_ln(out_channels, out_channels, 3))
+
+
+def encoder_maps(encoder: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The encoder's deepest map at each distinct stride, finest first, as NCHW maps (final norm applied).
+
+    Picks, through `encoder.feature_info` and `encoder.forward_intermediates` (timm's contract), the last
+    feature of each reduction: a plain ViT gives one map (the normed last block); ConvMAE gives stage 1,
+    stage 2 and the fused, normed output.
+    """
+    last_of: dict[int, int] = {}
+    for i, info in enumerate(encoder.feature_info):
+        last_of[int(info["reduction"])] = i
+    picks = [last_of[r] for r in sorted(last_of)]
+    return encoder.forward_intermediates(images, indices=picks, norm=True, intermediates_only=True)
+
+
+def map_specs(encoder: nn.Module) -> list[tuple[int, int]]:
+    """(channels, stride) of each `encoder_maps` output, finest first."""
+    last: dict[int, int] = {}
+    for info in encoder.feature_info:
+        last[int(info["reduction"])] = int(info["num_chs"])
+    return [(last[r], r) for r in sorted(last)]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's neck: one map [B, C, h, w] at stride s -> 4 levels at strides s/4, s/2, s, 2s, each
+    [B, out_channels, ...]. Deconvolutions keep the ViTDet widths (C/2 after the first, C/4 after two)."""
+
+    def __init__(self, in_channels: int, stride: int, out_channels: int = 256):
+        super().__init__()
+        if stride < 4:
+            raise ValueError(f"the simple feature pyramid needs an input stride of at least 4, got {stride}")
+        c = in_channels
+        self.strides = (stride // 4, stride // 2, stride, stride * 2)
+        self.out_channels = out_channels
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 2, 2, stride=2),
+            LayerNorm2d(c // 2, eps=1e-6),
+            nn.GELU(),
+            nn.ConvTranspose2d(c // 2, c // 4, 2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(c, c // 2, 2, stride=2)
+        self.outputs = nn.ModuleList(output_convs(ch, out_channels) for ch in (c // 4, c // 2, c, c))
+
+    def forward(self, maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        (x,) = maps[-1:]  # [B, C, h, w]
+        scales = [self.up4(x), self.up2(x), x, F.max_pool2d(x, 2, ceil_mode=True)]
+        return {level_name(s): conv(y) for s, conv, y in zip(self.strides, self.outputs, scales)}
+
+
+class ConvPyramidNeck(nn.Module):
+    """ConvMAE's native pyramid: maps at strides (s1, s2, s3) -> the same three plus a 2x2 max-pool of the
+    coarsest (stride 2*s3), each through 1x1 / 3x3 LayerNorm convs to out_channels."""
+
+    def __init__(self, specs: list[tuple[int, int]], out_channels: int = 256):
+        super().__init__()
+        channels = [c for c, _ in specs] + [specs[-1][0]]
+        self.strides = tuple(s for _, s in specs) + (specs[-1][1] * 2,)
+        self.out_channels = out_channels
+        self.outputs = nn.ModuleList(output_convs(c, out_channels) for c in channels)
+
+    def forward(self, maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        levels = [*maps, F.max_pool2d(maps[-1], 2, ceil_mode=True)]
+        return {level_name(s): conv(y) for s, conv, y in zip(self.strides, self.outputs, levels)}
+
+
+class FeaturePyramid(nn.Module):
+    """An encoder + its neck: images [B, C, H, W] -> {"p<k>": [B, out_channels, H/2^k, W/2^k]}, finest
+    first. `maps(images)` is the encoder's part (freeze it, cache it), `neck(maps)` the trainable part."""
+
+    def __init__(self, encoder: nn.Module, neck: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.neck = neck
+        self.strides = neck.strides
+        self.out_channels = neck.out_channels
+
+    def maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return encoder_maps(self.encoder, images)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.neck(self.maps(images))
+
+
+def build_neck(encoder: nn.Module, out_channels: int = 256) -> nn.Module:
+    """ViTDet's simple pyramid for an encoder with one stride, ConvMAE's native one for a hierarchy."""
+    specs = map_specs(encoder)
+    if len(specs) == 1:
+        channels, stride = specs[0]
+        return SimpleFeaturePyramid(channels, stride, out_channels)
+    if len(specs) != 3:
+        raise ValueError(f"expected 1 (plain ViT) or 3 (ConvMAE) feature strides, got {specs}")
+    return ConvPyramidNeck(specs, out_channels)
+
+
+def build_pyramid(encoder: nn.Module, out_channels: int = 256) -> FeaturePyramid:
+    """A feature pyramid over any encoder with timm's feature contract (mimkit's ViT and ConvViT, or
+    `PixelEncoder`). Returns {"p<k>": map} for 4 levels; see the module doc."""
+    if not hasattr(encoder, "forward_intermediates") or not hasattr(encoder, "feature_info"):
+        raise ValueError(
+            f"{type(encoder).__name__} has no forward_intermediates / feature_info; pass a mimkit encoder "
+            "(model.encoder) or a module following timm's feature contract"
+        )
+    return FeaturePyramid(encoder, build_neck(encoder, out_channels))
+
+
+class PixelEncoder(nn.Module):
+    """The raw-pixel baseline as an encoder: patchified pixels [B, p*p*C, H/p, W/p] as its only feature
+    (channel order within a patch: row, column, channel, as `mimkit.targets.patchify`). Nothing to train;
+    a head on it shows what the task needs beyond the pixels."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, patch_size: int, in_chans: int = 1):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = patch_size * patch_size * in_chans
+        self.blocks = nn.ModuleList()
+        self.feature_info = [{"num_chs": self.embed_dim, "reduction": patch_size, "module": "pixels"}]
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices=None, norm: bool = False, output_fmt: str = "NCHW",
+        intermediates_only: bool = False, **_: object,
+    ) -> list | tuple[torch.Tensor, list]:  # fmt: skip
+        B, C, H, W = x.shape
+        p = self.patch_size
+        pixels = (
+            x.reshape(B, C, H // p, p, W // p, p)
+            .permute(0, 3, 5, 1, 2, 4)
+            .reshape(B, p * p * C, H // p, W // p)
+        )
+        if output_fmt == "NLC":
+            pixels = pixels.flatten(2).transpose(1, 2)
+        if intermediates_only:
+            return [pixels]
+        return pixels.flatten(2).transpose(1, 2), [pixels]
+
+
+def encoder_at_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
+    """The encoder of a method model (`mimkit.create_model` / `mimkit.load`) for images of `img_size`.
+
+    ConvMAE takes any size divisible by its stride as it is. A ViT is rebuilt at the new size with the same
+    weights; its position embedding is the method's fixed sin-cos table of the new grid when the model's
+    table is that function (mimkit never trains it), otherwise the model's table resized bicubically (as
+    timm and detectron2 do for learned tables)."""
+    from .interop.export import resize_pos_embed
+    from .layers.patch_embed import to_2tuple
+    from .registry import create_model
+
+    encoder = model.encoder
+    if not hasattr(encoder, "patch_embed") or tuple(encoder.patch_embed.img_size) == to_2tuple(img_size):
+        return encoder
+    config = dataclasses.asdict(model.config)
+    old = create_model(model.model_name, **config).encoder
+    new = create_model(model.model_name, **{**config, "img_size": to_2tuple(img_size)}).encoder
+    state = {k: v for k, v in encoder.state_dict().items()}
+    if torch.allclose(state["pos_embed"], old.pos_embed, atol=1e-6):
+        state["pos_embed"] = new.pos_embed.detach().clone()
+    else:
+        state["pos_embed"] = resize_pos_embed(
+            state["pos_embed"], old.grid_size, new.grid_size, encoder.num_prefix_tokens
+        )
+    new.load_state_dict(state, strict=True)
+    return new.eval()
