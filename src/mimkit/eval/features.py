@@ -144,9 +144,11 @@ def _load_cache(path: Path) -> dict[str, torch.Tensor] | None:
     inconsistent: a damaged or planted cache is a cache miss, rebuilt and overwritten, never an error. Loading
     is weights_only, so a planted pickle runs no code."""
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own notes on odd pickles: the one warning below says it
+            warnings.simplefilter("ignore")
+            cached = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError, EOFError, RuntimeError (zip), OSError ...
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        reason = f"{type(err).__name__}: {str(err).split('. ')[0][:120]}"
     else:
         features, labels = (
             cached.get(k) if isinstance(cached, dict) else None for k in ("features", "labels")
