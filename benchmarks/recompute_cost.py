@@ -1,10 +1,11 @@
-"""What the activation recomputation of `mimkit.layers.recompute` costs in train-step time.
+"""What selective activation checkpointing (`mimkit.layers.set_selective_checkpointing`) costs and saves.
 
     python benchmarks/recompute_cost.py --model mae_vit_tiny_patch4_32 --batch-size 256 --dtype bf16 --threads 1
 
-One process, one model; rounds alternate (ABBA) between the recomputing functions (layer norm, GELU and
-attention probabilities recomputed in backward) and plain autograd through the same ops (they stored).
-Prints JSON: median img/s of each and the ratio plain / recompute (> 1: recomputation costs that much).
+One process, one model; rounds alternate (ABBA) between the plain blocks (autograd stores what it needs) and
+selective checkpointing (each block keeps only its matmul/attention outputs and recomputes layer norms, GELU,
+softmax and casts in backward). Prints JSON: median img/s of each, the ratio plain / selective (> 1: the
+recomputation costs that much), and the bytes saved for backward by one training forward of each.
 """
 
 from __future__ import annotations
@@ -14,26 +15,25 @@ import json
 import statistics
 
 import torch
-import torch.nn.functional as F
 
-import mimkit.layers.attention as attention
-import mimkit.layers.mlp as mlp
-import mimkit.layers.recompute as recompute
 from mimkit.commands.bench import _Runner
-
-RECOMPUTING = (recompute.norm_linear, recompute.gelu_linear, recompute.softmax_attention)
-PLAIN = (
-    lambda x, norm, weight, bias: F.linear(norm(x), weight, bias),
-    lambda h, linear: linear(F.gelu(h)),
-    lambda q, k, v: recompute.attention_probabilities(q, k) @ v,
-)
+from mimkit.layers import set_selective_checkpointing
 
 
-def use(functions) -> None:
-    norm_linear, gelu_linear, softmax_attention = functions
-    attention.norm_linear = mlp.norm_linear = norm_linear
-    mlp.gelu_linear = gelu_linear
-    attention.softmax_attention = softmax_attention
+def saved_bytes(runner: _Runner) -> int:
+    """Bytes autograd keeps for backward during one training forward (each storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=runner.bf16):
+            loss = runner.model(runner.images).loss
+    loss.backward()
+    runner.optimizer.zero_grad(set_to_none=True)
+    return sum(seen.values())
 
 
 def main() -> None:
@@ -48,20 +48,26 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = _Runner("mimkit", args.model, args.batch_size, args.dtype)
-    variants = {"recompute": RECOMPUTING, "plain": PLAIN}
-    step_s = {name: [] for name in variants}
-    for functions in variants.values():  # warm-up
-        use(functions)
+    variants = {"plain": False, "selective": True}
+    step_s: dict[str, list[float]] = {name: [] for name in variants}
+    stored = {}
+    for name, enabled in variants.items():  # warm-up, and what each keeps for backward
+        set_selective_checkpointing(runner.model, enabled)
         runner.step()
+        stored[name] = saved_bytes(runner)
     for r in range(args.rounds):
         for name in variants if r % 2 == 0 else reversed(variants):
-            use(variants[name])
+            set_selective_checkpointing(runner.model, variants[name])
             step_s[name].append(statistics.median(runner.step() for _ in range(args.steps)))
-    use(RECOMPUTING)
     ips = {name: args.batch_size / statistics.median(s) for name, s in step_s.items()}
-    print(
-        json.dumps({**vars(args), "img_per_s": ips, "plain_over_recompute": ips["plain"] / ips["recompute"]})
-    )
+    result = {
+        **vars(args),
+        "img_per_s": ips,
+        "plain_over_selective": ips["plain"] / ips["selective"],
+        "saved_for_backward_mib": {k: v / 2**20 for k, v in stored.items()},
+        "selective_over_plain_memory": stored["selective"] / stored["plain"],
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

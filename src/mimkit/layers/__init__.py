@@ -1,7 +1,7 @@
 """Small typed building blocks shared by every backbone and method."""
 
 from .attention import Attention, attend, set_fused_attention
-from .block import Block
+from .block import Block, set_selective_checkpointing
 from .drop_path import DropPath
 from .mlp import LayerScale, Mlp
 from .patch_embed import PatchEmbed, to_2tuple
@@ -16,6 +16,7 @@ __all__ = [
     "PatchEmbed",
     "attend",
     "set_fused_attention",
+    "set_selective_checkpointing",
     "sincos_1d",
     "sincos_2d",
     "to_2tuple",

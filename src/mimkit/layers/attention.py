@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recompute import attention_probabilities, norm_linear, softmax_attention
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) for [B, heads, Nq, d], [B, heads, Nk, d] -> [B, heads, Nq, Nk]."""
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool = True) -> torch.Tensor:
@@ -14,14 +17,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool = True
 
     `fused=True` picks the fastest kernel: `F.scaled_dot_product_attention`, except for bf16/fp16 on CPU,
     where its flash kernel (forward + backward) measured 2.5-6x slower than two batched matmuls and a
-    softmax at ViT shapes (N <= 197, d = 32-64); there the batched-matmul form runs (same math, the softmax
-    accumulates in fp32 inside the kernel), with the probabilities recomputed in backward rather than
-    stored (`recompute.softmax_attention`).
+    softmax at ViT shapes (N <= 197, d = 32-64); there the batched-matmul form runs (same math).
     """
-    if not fused:
+    if not fused or (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
         return attention_probabilities(q, k) @ v
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        return softmax_attention(q, k, v) if torch.is_grad_enabled() else attention_probabilities(q, k) @ v
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -48,17 +47,13 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """x [B, N, D] -> [B, N, D]; with `norm`, attends over norm(x) (the block's pre-norm), and in training
-        stores x rather than norm(x) for backward (`recompute.norm_linear`)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]."""
         B, N, D = x.shape
         bias = self.qkv.bias
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        if norm is not None and torch.is_grad_enabled():
-            qkv = norm_linear(x, norm, self.qkv.weight, bias)
-        else:
-            qkv = F.linear(x if norm is None else norm(x), self.qkv.weight, bias)
+        qkv = F.linear(x, self.qkv.weight, bias)  # [B, N, 3D]
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(
             2, 0, 3, 1, 4
         )  # [B, h, N, d]

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import Attention
 from .drop_path import DropPath
@@ -9,7 +13,13 @@ from .mlp import LayerScale, Mlp
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm names: norm1, attn, ls1, norm2, mlp, ls2)."""
+    """Pre-norm transformer block (timm names: norm1, attn, ls1, norm2, mlp, ls2):
+
+        x = x + drop_path(ls1(attn(norm1(x))))
+        x = x + drop_path(ls2(mlp(norm2(x))))
+
+    `selective_checkpointing` (see `set_selective_checkpointing`) trades compute for memory in training.
+    """
 
     def __init__(
         self,
@@ -29,7 +39,53 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.selective_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(x, norm=self.norm1)))
-        return x + self.drop_path(self.ls2(self.mlp(x, norm=self.norm2)))
+        """[B, N, D] -> [B, N, D]."""
+        if self.selective_checkpointing and torch.is_grad_enabled():
+            return checkpoint(
+                self.residuals, x, use_reentrant=False, context_fn=_keep_matmul_outputs, **_SAC_HOOKS
+            )
+        return self.residuals(x)
+
+    def residuals(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+# Outputs kept for backward under selective checkpointing; everything else in the block (layer norms, GELU,
+# softmax, casts, adds) is recomputed from them and the block's input.
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_keep_matmul_outputs = functools.partial(create_selective_checkpoint_contexts, _policy)
+# What the checkpoint keeps goes through saved-tensor hooks (save_on_cpu, memory accounting) where torch
+# offers the choice; older releases bypass them.
+_SAC_HOOKS = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
+
+
+def set_selective_checkpointing(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """In every `Block` of `module`, keep only the matmul and attention outputs for backward and recompute the
+    cheap ops (torch's selective activation checkpointing): fewer stored activations for some extra
+    compute (measured in `benchmarks/recompute_cost.py`). Same results; stochastic depth is replayed."""
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.selective_checkpointing = enabled
+    return module

@@ -3,12 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .recompute import gelu_linear, norm_linear
-
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 (timm names). With grad enabled, GELU's output is recomputed in backward rather
-    than stored (`recompute.gelu_linear`); `norm` (the block's pre-norm) is applied first, likewise."""
+    """fc1 -> GELU -> fc2 (timm names)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -16,11 +13,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return self.fc2(self.act(self.fc1(x if norm is None else norm(x))))
-        h = self.fc1(x) if norm is None else norm_linear(x, norm, self.fc1.weight, self.fc1.bias)
-        return gelu_linear(h, self.fc2)  # [..., dim]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # [..., dim]
 
 
 class LayerScale(nn.Module):
