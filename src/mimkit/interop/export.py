@@ -193,7 +193,7 @@ def export_timm(checkpoint: Any, out: str | os.PathLike, img_size: Any = None) -
         "note": f"{name} is the timm architecture family; timm_kwargs set the actual sizes. The overlay "
         "carries the preprocessing: timm.data.resolve_data_config(model=model) gives it back",
         "usage": f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=info['pretrained_cfg_overlay'], "
-        f"num_classes=0, **info['timm_kwargs'])   # or mimkit.interop.load_timm({str(path.with_suffix('.json'))!r})",
+        f"num_classes=0, **info['timm_kwargs'])   # or mimkit.interop.export.load_timm({str(path.with_suffix('.json'))!r})",
     }
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
