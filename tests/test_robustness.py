@@ -463,3 +463,34 @@ def test_resume_with_a_different_batch_seed_or_mask_is_refused_unless_forced(tmp
     assert named in line and "--force-resume" in line
     assert pretrain(tmp_path, "train.max_steps=2", "--resume", "auto", "--force-resume", change) == 0
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_process_at_the_same_step(tmp_path):
+    """torchrun forwards SIGTERM to its workers; they agree on the step, rank 0 writes, the resume is exact."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path, seconds_per_step: float, *args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(seconds_per_step), "pretrain", "--no-pictures", *MICRO, f"train.output_dir={out}",
+               "train.max_steps=10", "train.ckpt_every=100", *args]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    stopped = torchrun(tmp_path / "stopped", 0.3)
+    _wait_for_rows(tmp_path / "stopped" / "metrics.jsonl", 2, stopped, timeout=240)
+    stopped.send_signal(signal.SIGTERM)
+    stdout, _ = stopped.communicate(timeout=240)
+    assert "stopped by SIGTERM at step" in stdout
+    ckpt = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    assert ckpt["world_size"] == 2 and 2 <= ckpt["step"] < 10
+    resumed = torchrun(tmp_path / "stopped", 0.0, "train.resume=auto")
+    full = torchrun(tmp_path / "full", 0.0)
+    for proc in (resumed, full):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    a = _weights_and_optimizer(tmp_path / "stopped" / "checkpoint.pt")
+    b = _weights_and_optimizer(tmp_path / "full" / "checkpoint.pt")
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
