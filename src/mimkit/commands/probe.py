@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 QUICK_TRAIN, QUICK_TEST = 2000, 500
 
@@ -62,10 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "probe",
         help="evaluate a frozen encoder: kNN, linear probe or attentive probe",
-        description="Frozen-encoder evaluation. Features are computed once and cached in --cache-dir; the "
-        "linear probe trains many learning rates at once and reports the one chosen on held-out training data. "
-        "Writes result.json, result.txt and result_confusion.png into --out. The data defaults to the data "
-        "the checkpoint was trained on.",
+        description=textwrap.fill(
+            "Frozen-encoder evaluation. Features are computed once and cached in --cache-dir; the "
+            "linear probe trains many learning rates at once and reports the one chosen on held-out training data. "
+            "Writes result.json, result.txt and result_confusion.png into --out. The data defaults to the data "
+            "the checkpoint was trained on.",
+            100,
+        ),
         epilog="examples:\n"
         "  mimkit probe knn --checkpoint runs/photos/checkpoint.pt          # the folder it was trained on\n"
         "  mimkit probe linear --checkpoint runs/photos/encoder.safetensors --data folder --data-path photos/\n"
