@@ -163,6 +163,23 @@ def test_pyramid_levels_for_square_and_non_square_inputs(name, kw, expected):
     assert pyramid.strides == tuple(expected.values()) and pyramid.out_channels == 8
 
 
+@pytest.mark.parametrize(
+    "name, strides", [("mae_vit_tiny_patch4_32", (2, 4, 8)), ("convmae_tiny_patch8_64", (2, 4, 8, 16))]
+)
+def test_pyramid_min_stride_leaves_out_finer_levels(name, strides):
+    from mimkit.dense import build_pyramid
+
+    enc = _encoder(name, img_size=64)
+    full, pruned = build_pyramid(enc, 8), build_pyramid(enc, 8, min_stride=2)
+    assert pruned.strides == strides
+    assert sum(p.numel() for p in pruned.parameters()) < sum(
+        p.numel() for p in full.parameters()
+    ) or name.startswith("convmae")
+    with torch.no_grad():
+        levels = pruned(torch.randn(1, 3, 64, 64))
+    assert [v.shape[-1] for v in levels.values()] == [64 // s for s in strides]
+
+
 def test_simple_pyramid_reads_the_normed_last_block():
     """The ViT neck gets exactly the final features; changing the last block changes every level."""
     from mimkit.dense import build_pyramid
@@ -333,3 +350,28 @@ def test_a_head_trained_briefly_beats_chance_miou():
         result = train_segmentation(enc, train, test, 4, config, log=lambda *_: None)
         assert result["train_loss_last"] < result["train_loss_first"]
         assert result["miou"] > 1.5 * chance, (head, result["miou"], chance)
+
+
+def test_segment_command_on_a_folder_of_pairs(tmp_path):
+    import argparse
+    import json
+
+    from mimkit.commands.segment import add_segment_parser
+    from mimkit.data.segmentation import GarmentCanvas, write_segmentation_folder
+
+    for split, n in (("train", 24), ("test", 8)):
+        write_segmentation_folder(
+            GarmentCanvas(split, n, 32, seed=0, garments=_Garments()), tmp_path / "seg" / split
+        )
+    parser = argparse.ArgumentParser()
+    add_segment_parser(parser.add_subparsers())
+    args = parser.parse_args(["segment", "--random-init", "mae_vit_tiny_patch4_32", "--data", "folder",
+                              "--data-path", str(tmp_path / "seg"), "--epochs", "1", "--batch-size", "8",
+                              "--channels", "8", "--device", "cpu", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert args.func(args) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["class_names"] == ["background", "a", "b", "c"] and result["img_size"] == [32, 32]
+    assert set(result["heads"]) == {"linear", "fpn"}
+    assert result["heads"]["fpn"]["num_test"] == 8 and 0 <= result["heads"]["fpn"]["miou"] <= 1
+    assert (tmp_path / "out" / "predictions.png").stat().st_size > 0
+    assert "| linear mIoU |" in (tmp_path / "out" / "result.md").read_text()

@@ -94,43 +94,55 @@ def map_specs(encoder: nn.Module) -> list[tuple[int, int]]:
 
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's neck: one map [B, C, h, w] at stride s -> 4 levels at strides s/4, s/2, s, 2s, each
-    [B, out_channels, ...]. Deconvolutions keep the ViTDet widths (C/2 after the first, C/4 after two)."""
+    [B, out_channels, ...]. Deconvolutions keep the ViTDet widths (C/2 after the first, C/4 after two).
+    min_stride leaves out the levels finer than it (not built, not computed): a patch-4 ViT's stride-1
+    level is rarely worth its cost."""
 
-    def __init__(self, in_channels: int, stride: int, out_channels: int = 256):
+    def __init__(self, in_channels: int, stride: int, out_channels: int = 256, min_stride: int = 1):
         super().__init__()
         if stride < 4:
             raise ValueError(f"the simple feature pyramid needs an input stride of at least 4, got {stride}")
         c = in_channels
-        self.strides = (stride // 4, stride // 2, stride, stride * 2)
+        keep = [s >= min_stride for s in (stride // 4, stride // 2)]
+        self.strides = tuple(s for s, k in zip((stride // 4, stride // 2), keep) if k) + (stride, stride * 2)
         self.out_channels = out_channels
-        self.up4 = nn.Sequential(
-            nn.ConvTranspose2d(c, c // 2, 2, stride=2),
-            LayerNorm2d(c // 2, eps=1e-6),
-            nn.GELU(),
-            nn.ConvTranspose2d(c // 2, c // 4, 2, stride=2),
+        self.up4 = (
+            nn.Sequential(
+                nn.ConvTranspose2d(c, c // 2, 2, stride=2),
+                LayerNorm2d(c // 2, eps=1e-6),
+                nn.GELU(),
+                nn.ConvTranspose2d(c // 2, c // 4, 2, stride=2),
+            )
+            if keep[0]
+            else None
         )
-        self.up2 = nn.ConvTranspose2d(c, c // 2, 2, stride=2)
-        self.outputs = nn.ModuleList(output_convs(ch, out_channels) for ch in (c // 4, c // 2, c, c))
+        self.up2 = nn.ConvTranspose2d(c, c // 2, 2, stride=2) if keep[1] else None
+        widths = [w for w, k in zip((c // 4, c // 2), keep) if k] + [c, c]
+        self.outputs = nn.ModuleList(output_convs(ch, out_channels) for ch in widths)
 
     def forward(self, maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         (x,) = maps[-1:]  # [B, C, h, w]
-        scales = [self.up4(x), self.up2(x), x, F.max_pool2d(x, 2, ceil_mode=True)]
+        scales = [up(x) for up in (self.up4, self.up2) if up is not None]
+        scales += [x, F.max_pool2d(x, 2, ceil_mode=True)]
         return {level_name(s): conv(y) for s, conv, y in zip(self.strides, self.outputs, scales)}
 
 
 class ConvPyramidNeck(nn.Module):
     """ConvMAE's native pyramid: maps at strides (s1, s2, s3) -> the same three plus a 2x2 max-pool of the
-    coarsest (stride 2*s3), each through 1x1 / 3x3 LayerNorm convs to out_channels."""
+    coarsest (stride 2*s3), each through 1x1 / 3x3 LayerNorm convs to out_channels; levels finer than
+    min_stride are left out."""
 
-    def __init__(self, specs: list[tuple[int, int]], out_channels: int = 256):
+    def __init__(self, specs: list[tuple[int, int]], out_channels: int = 256, min_stride: int = 1):
         super().__init__()
-        channels = [c for c, _ in specs] + [specs[-1][0]]
-        self.strides = tuple(s for _, s in specs) + (specs[-1][1] * 2,)
+        specs = [*specs, (specs[-1][0], specs[-1][1] * 2)]
+        self.skip = sum(s < min_stride for _, s in specs[:-2])
+        specs = specs[self.skip :]
+        self.strides = tuple(s for _, s in specs)
         self.out_channels = out_channels
-        self.outputs = nn.ModuleList(output_convs(c, out_channels) for c in channels)
+        self.outputs = nn.ModuleList(output_convs(c, out_channels) for c, _ in specs)
 
     def forward(self, maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        levels = [*maps, F.max_pool2d(maps[-1], 2, ceil_mode=True)]
+        levels = [*maps, F.max_pool2d(maps[-1], 2, ceil_mode=True)][self.skip :]
         return {level_name(s): conv(y) for s, conv, y in zip(self.strides, self.outputs, levels)}
 
 
@@ -152,26 +164,27 @@ class FeaturePyramid(nn.Module):
         return self.neck(self.maps(images))
 
 
-def build_neck(encoder: nn.Module, out_channels: int = 256) -> nn.Module:
+def build_neck(encoder: nn.Module, out_channels: int = 256, min_stride: int = 1) -> nn.Module:
     """ViTDet's simple pyramid for an encoder with one stride, ConvMAE's native one for a hierarchy."""
     specs = map_specs(encoder)
     if len(specs) == 1:
         channels, stride = specs[0]
-        return SimpleFeaturePyramid(channels, stride, out_channels)
+        return SimpleFeaturePyramid(channels, stride, out_channels, min_stride)
     if len(specs) != 3:
         raise ValueError(f"expected 1 (plain ViT) or 3 (ConvMAE) feature strides, got {specs}")
-    return ConvPyramidNeck(specs, out_channels)
+    return ConvPyramidNeck(specs, out_channels, min_stride)
 
 
-def build_pyramid(encoder: nn.Module, out_channels: int = 256) -> FeaturePyramid:
+def build_pyramid(encoder: nn.Module, out_channels: int = 256, min_stride: int = 1) -> FeaturePyramid:
     """A feature pyramid over any encoder with timm's feature contract (mimkit's ViT and ConvViT, or
-    `PixelEncoder`). Returns {"p<k>": map} for 4 levels; see the module doc."""
+    `PixelEncoder`). Returns {"p<k>": map} for 4 levels (fewer when min_stride leaves out fine ones, never
+    the encoder's own stride and the one above it); see the module doc."""
     if not hasattr(encoder, "forward_intermediates") or not hasattr(encoder, "feature_info"):
         raise ValueError(
             f"{type(encoder).__name__} has no forward_intermediates / feature_info; pass a mimkit encoder "
             "(model.encoder) or a module following timm's feature contract"
         )
-    return FeaturePyramid(encoder, build_neck(encoder, out_channels))
+    return FeaturePyramid(encoder, build_neck(encoder, out_channels, min_stride))
 
 
 class PixelEncoder(nn.Module):

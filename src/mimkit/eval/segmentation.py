@@ -7,7 +7,8 @@ Heads (both read the encoder through `mimkit.dense`, i.e. timm's feature contrac
   (stride r) to K * r * r logits, pixel-shuffled to full resolution: each token predicts the classes of its
   own r x r pixels, nothing else mixes tokens (the dense analogue of the linear probe).
 - "fpn": a small UperNet-style head over the 4-level pyramid (ViTDet's simple pyramid for plain ViTs,
-  ConvMAE's native one): top-down FPN merging (nearest 2x upsampling + sum, a 3x3 conv per level), every
+  ConvMAE's native one; levels finer than `min_stride`, 2 by default, left out: a patch-4 ViT's stride-1
+  level costs more than the rest of the head): top-down FPN merging (nearest 2x upsampling + sum, a 3x3 conv per level), every
   level upsampled to the finest and concatenated, a 1x1 conv + LayerNorm + GELU, a 1x1 classifier,
   bilinear upsampling to the image.
 
@@ -22,9 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +37,7 @@ from ..data.segmentation import IGNORE_INDEX
 from ..dense import build_neck, conv_ln, encoder_maps, map_specs
 
 HEADS = ("linear", "fpn")
+HEAD_LRS = {"linear": 1e-2, "fpn": 3e-3}  # AdamW peak lrs from a short sweep on the canvas task
 
 
 class LinearSegHead(nn.Module):
@@ -43,6 +48,8 @@ class LinearSegHead(nn.Module):
         self.stride = stride
         self.bn = nn.BatchNorm2d(in_channels, affine=False)
         self.proj = nn.Conv2d(in_channels, num_classes * stride * stride, 1)
+        nn.init.normal_(self.proj.weight, std=0.01)  # as linear probes: start near uniform predictions
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return F.pixel_shuffle(self.proj(self.bn(maps[-1].float())), self.stride)
@@ -51,9 +58,9 @@ class LinearSegHead(nn.Module):
 class FPNSegHead(nn.Module):
     """Pyramid neck + top-down FPN + fuse + classifier; see the module doc. Logits at the finest level."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, channels: int = 64):
+    def __init__(self, encoder: nn.Module, num_classes: int, channels: int = 64, min_stride: int = 2):
         super().__init__()
-        self.neck = build_neck(encoder, channels)
+        self.neck = build_neck(encoder, channels, min_stride)
         n = len(self.neck.strides)
         self.smooth = nn.ModuleList(conv_ln(channels, channels, 3) for _ in range(n - 1))
         self.fuse = nn.Sequential(conv_ln(n * channels, channels, 1), nn.GELU())
@@ -71,12 +78,14 @@ class FPNSegHead(nn.Module):
         return self.classifier(self.fuse(stacked))
 
 
-def build_head(kind: str, encoder: nn.Module, num_classes: int, channels: int = 64) -> nn.Module:
+def build_head(
+    kind: str, encoder: nn.Module, num_classes: int, channels: int = 64, min_stride: int = 2
+) -> nn.Module:
     if kind == "linear":
         in_channels, stride = map_specs(encoder)[-1]
         return LinearSegHead(in_channels, stride, num_classes)
     if kind == "fpn":
-        return FPNSegHead(encoder, num_classes, channels)
+        return FPNSegHead(encoder, num_classes, channels, min_stride)
     raise ValueError(f"segmentation head must be one of {HEADS}, got {kind!r}")
 
 
@@ -85,9 +94,10 @@ class SegmentationConfig:
     head: str = "fpn"
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 1e-3  # AdamW, cosine to 0 over the run
+    lr: float | None = None  # AdamW peak lr, cosine to 0 over the run; None: HEAD_LRS[head]
     weight_decay: float = 1e-4
     channels: int = 64  # FPN / pyramid width
+    min_stride: int = 2  # FPN: pyramid levels finer than this are left out (a patch-4 ViT's stride 1)
     tune_blocks: int = 0
     encoder_lr: float = 1e-4
     seed: int = 0
@@ -166,7 +176,7 @@ def train_segmentation(
     device = torch.device(device)
     torch.manual_seed(config.seed)
     encoder = encoder.to(device).eval()
-    head = build_head(config.head, encoder, num_classes, config.channels).to(device)
+    head = build_head(config.head, encoder, num_classes, config.channels, config.min_stride).to(device)
     for p in encoder.parameters():
         p.requires_grad_(False)
     tuned: list[nn.Parameter] = []
@@ -177,7 +187,7 @@ def train_segmentation(
         tuned_ids = {id(p) for p in tuned}
         for p in encoder.parameters():
             p.requires_grad_(id(p) in tuned_ids)
-    groups = [{"params": list(head.parameters()), "lr": config.lr}]
+    groups = [{"params": list(head.parameters()), "lr": config.lr or HEAD_LRS[config.head]}]
     if tuned:
         groups.append({"params": tuned, "lr": config.encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -237,3 +247,224 @@ def predict(encoder: nn.Module, head: nn.Module, images: torch.Tensor) -> torch.
     """[B, C, H, W] -> [B, H, W] class ids."""
     with torch.no_grad():
         return _full_size(head(encoder_maps(encoder, images)), images.shape[-2:]).argmax(1)
+
+
+# ------------------------------------------------------------------------------------------- data, pictures
+
+
+@dataclasses.dataclass
+class DenseSpec:
+    """Where the dense task comes from: "canvas" (Fashion-MNIST garments on a canvas) or "folder"."""
+
+    source: str = "canvas"
+    path: str | None = None  # folder: image + mask pairs; canvas: the Fashion-MNIST IDX folder (optional)
+    num_train: int = 2000
+    num_test: int = 500
+    canvas_size: int = 64
+    max_garments: int = 4
+    test_fraction: float = 0.2  # folders without train/ and test/
+    seed: int = 0
+
+
+def dense_datasets(spec: DenseSpec) -> tuple[Any, Any, list[str]]:
+    """(train, test, class names) as datasets of (PIL image, mask)."""
+    from ..data.segmentation import GarmentCanvas, SegmentationFolder
+
+    if spec.source == "canvas":
+        make = lambda split, n: GarmentCanvas(  # noqa: E731
+            split, n, spec.canvas_size, spec.max_garments, seed=spec.seed, root=spec.path
+        )
+        train, test = make("train", spec.num_train), make("test", spec.num_test)
+        return train, test, train.classes
+    if spec.source != "folder":
+        raise ValueError(f"dense data source must be 'canvas' or 'folder', got {spec.source!r}")
+    if not spec.path:
+        raise ValueError(
+            "--data folder needs --data-path DIR (image + mask pairs, see `mimkit probe segment -h`)"
+        )
+    root = Path(spec.path).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = SegmentationFolder(root, "train"), SegmentationFolder(root, "test")
+        classes = train.classes if len(train.classes) >= len(test.classes) else test.classes
+    else:
+        full = SegmentationFolder(root)
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+        n_test = max(1, int(round(spec.test_fraction * len(full))))
+        if n_test >= len(full):
+            raise ValueError(f"{root} holds {len(full)} pair(s): too few to hold out a test share")
+        train, test = _Subset(full, sorted(order[n_test:])), _Subset(full, sorted(order[:n_test]))
+        classes = full.classes
+    return (
+        _Subset(train, range(min(spec.num_train, len(train)))),
+        _Subset(test, range(min(spec.num_test, len(test)))),
+        classes,
+    )
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, base, indices):
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """[K, 3] colours in [0, 1]: black for class 0 (background), matplotlib's tab20 after it."""
+    import matplotlib
+
+    colours = [(0.0, 0.0, 0.0)] + [matplotlib.colormaps["tab20"](i % 20)[:3] for i in range(num_classes - 1)]
+    return np.array(colours)
+
+
+def save_prediction_grid(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    predictions: dict[str, torch.Tensor],
+    class_names: list[str],
+    mean: Any,
+    std: Any,
+    title: str = "",
+) -> Path:
+    """One row per image: image | ground truth | each prediction (titled by its key), classes coloured
+    (legend below). images [N, C, H, W] normalised, masks and predictions [N, H, W]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours = palette(len(class_names))
+    mean_t = torch.tensor(mean).view(-1, 1, 1)
+    std_t = torch.tensor(std).view(-1, 1, 1)
+
+    def coloured(m: torch.Tensor) -> np.ndarray:
+        m = m.clone()
+        m[m == IGNORE_INDEX] = 0
+        return colours[m.numpy()]
+
+    columns = [("image", None), ("ground truth", masks)] + list(predictions.items())
+    n = len(images)
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.9), squeeze=False)
+    for i in range(n):
+        shown = (images[i].cpu() * std_t + mean_t).clamp(0, 1)
+        shown = shown.expand(3, -1, -1) if shown.shape[0] == 1 else shown[:3]
+        for j, (name, maps) in enumerate(columns):
+            ax = axes[i, j]
+            ax.imshow(shown.permute(1, 2, 0).numpy() if maps is None else coloured(maps[i].cpu()),
+                      interpolation="nearest")  # fmt: skip
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+    handles = [Patch(color=colours[k], label=name) for k, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=6, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ the whole check
+
+
+@dataclasses.dataclass
+class DenseEncoder:
+    """An encoder ready for the dense check, with what it needs to see images as it was trained to."""
+
+    encoder: nn.Module
+    name: str
+    init: str  # "pretrained", "random" or "pixels"
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    key: dict[str, Any]
+
+
+def dense_encoder(
+    checkpoint: str | os.PathLike | None = None,
+    random_init: str | None = None,
+    pixels: bool = False,
+    img_size: int | tuple[int, int] = 64,
+    pixel_patch: int = 4,
+    seed: int = 0,
+) -> DenseEncoder:
+    """The encoder of a checkpoint (or its architecture at random init, `random_init=""`, or a preset at
+    random init, `random_init=NAME`) at `img_size`; with `pixels`, the raw-pixel baseline at that model's
+    stride (or `pixel_patch` without a model). Normalisation: the checkpoint's, else Fashion-MNIST's."""
+    from ..data import default_mean_std
+    from ..dense import PixelEncoder, encoder_at_size
+    from .pipeline import load_eval_model, model_display_name
+
+    model = key = None
+    if checkpoint is not None or random_init:
+        model, key = load_eval_model(checkpoint, random_init, seed=seed)
+    in_chans = model.config.in_chans if model is not None else 1
+    prep = (getattr(model, "mimkit_info", None) or {}).get("preprocessing") if model is not None else None
+    mean, std = (
+        (tuple(prep["mean"]), tuple(prep["std"])) if prep else default_mean_std("fashion_mnist", in_chans)
+    )
+    if pixels:
+        stride = map_specs(model.encoder)[-1][1] if model is not None else pixel_patch
+        return DenseEncoder(PixelEncoder(stride, in_chans), f"raw pixels (patch {stride})", "pixels", in_chans,
+                            mean, std, {"model": "pixels", "patch": stride})  # fmt: skip
+    init = "random" if random_init is not None else "pretrained"
+    encoder = encoder_at_size(model, img_size)
+    return DenseEncoder(encoder, model_display_name(model, key), init, in_chans, mean, std, key)
+
+
+def segmentation_check(
+    dense: DenseEncoder,
+    spec: DenseSpec,
+    heads: tuple[str, ...] = HEADS,
+    config: SegmentationConfig | None = None,
+    img_size: int | tuple[int, int] = 64,
+    device: str = "cpu",
+    log=print,
+    data: tuple[DenseData, DenseData, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate each head on the dense task; {"encoder", "init", "heads": {head: metrics}, ...}.
+    `data` re-uses already transformed (train, test, classes) (same normalisation and size)."""
+    from ..data.segmentation import DenseTransform
+
+    config = config or SegmentationConfig()
+    if data is None:
+        train_ds, test_ds, classes = dense_datasets(spec)
+        transform = DenseTransform(img_size, dense.in_chans, dense.mean, dense.std)
+        data = (DenseData(train_ds, transform), DenseData(test_ds, transform), classes)
+    train, test, classes = data
+    out: dict[str, Any] = {"encoder": dense.name, "init": dense.init, "model_key": dense.key, "heads": {},
+                           "class_names": classes, "data": dataclasses.asdict(spec), "img_size": img_size}  # fmt: skip
+    modules = {}
+    for head in heads:
+        log(f"[segment] {dense.name} ({dense.init}), {head} head")
+        result = train_segmentation(dense.encoder, train, test, len(classes), dataclasses.replace(config, head=head),
+                                    class_names=classes, device=device, log=log)  # fmt: skip
+        modules[head] = result.pop("modules")
+        out["heads"][head] = result
+    out["modules"] = modules
+    return out
+
+
+def summary_lines(results: list[dict[str, Any]]) -> list[str]:
+    """A markdown table: encoder | init | mIoU and pixel accuracy per head."""
+    heads = sorted(
+        {h for r in results for h in r["heads"]}, key=lambda h: HEADS.index(h) if h in HEADS else 9
+    )
+    header = "| encoder | init | " + " | ".join(f"{h} mIoU | {h} pixel acc." for h in heads) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(heads))]
+    for r in results:
+        cells = []
+        for h in heads:
+            m = r["heads"].get(h)
+            cells += [f"{100 * m['miou']:.1f}", f"{100 * m['pixel_accuracy']:.1f}"] if m else ["—", "—"]
+        lines.append(f"| {r['encoder']} | {r['init']} | " + " | ".join(cells) + " |")
+    return lines
