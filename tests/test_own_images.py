@@ -279,3 +279,16 @@ def test_pretrain_checks_catch_grayscale_training_of_colour_photos_short_warmup_
     assert not pretrain_warnings(colour, 3, 8, 1, total_steps=100, warmup_steps=10, min_images=10)
     assert "data.batch_size=22" in no_batch_message(len(colour), batch_size=64)
     assert no_batch_message(len(colour), batch_size=16) is None
+
+
+def test_names_say_what_was_built_and_foreign_files_get_a_fix(tmp_path):
+    from mimkit.interop.loading import display_name
+
+    assert display_name("mae_vit_tiny_patch4_32", dict(img_size=64, patch_size=8, depth=6)) == (
+        "mae_vit_tiny_patch8_64_depth6"
+    )
+    assert display_name("mae_vit_tiny_patch4_32", dict(in_chans=1)) == "mae_vit_tiny_patch4_32_1ch"
+    assert display_name("convmae_tiny_patch8_64", {}) == "convmae_tiny_patch8_64"
+    torch.save({"model": {"cls_token": torch.zeros(1)}}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="mimkit import --from"):
+        mimkit.load(tmp_path / "foreign.pth")

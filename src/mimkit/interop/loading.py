@@ -170,7 +170,11 @@ def _read_hf_directory(path: Path) -> Weights:
     if described.is_file():  # exported by mimkit: the exact preset and config
         meta = json.loads(described.read_text())
         hf_sd, _ = load_hf_directory(path)
-        return Weights("model", meta["model_name"], meta["model_config"], hf_to_mae_state_dict(hf_sd), meta)
+        state = hf_to_mae_state_dict(hf_sd)
+        if meta.get("contents") == "encoder":  # exported from an encoder file: no trained decoder inside
+            state = {k.removeprefix("encoder."): v for k, v in state.items()}
+            return Weights("encoder", meta["model_name"], meta["model_config"], state, meta)
+        return Weights("model", meta["model_name"], meta["model_config"], state, meta)
     ckpt = import_checkpoint(path, source="hf")  # any ViTMAE directory: config read from config.json
     return Weights("model", ckpt["model_name"], ckpt["model_config"], ckpt["model"], {})
 
