@@ -201,7 +201,7 @@ def fault_cases(tmp: Path, signals: bool) -> list[tuple[str, Callable[[], bool]]
         (root / "b.png").write_text("text")
         o = pretrain(tmp / "b-run", "data.source=folder", f"data.path={root}", "model.in_chans=3",
                      "data.num_workers=1", "train.max_steps=1")  # fmt: skip
-        return one_clear_line(o, 2, ["no readable image"])
+        return one_clear_line(o, 2, ["no usable image"])
 
     def missing_folder():
         o = pretrain(tmp / "m-run", "data.source=folder", f"data.path={tmp / 'nothing'}", "model.in_chans=3")

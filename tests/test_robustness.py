@@ -168,6 +168,24 @@ def test_an_override_after_a_flag_is_read(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 1
 
 
+class _FailsInAWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise ValueError("image 3 has 4 channels, mean/std have 3")
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_reported_as_its_own_line():
+    from mimkit.errors import one_line
+
+    loader = torch.utils.data.DataLoader(_FailsInAWorker(), num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # torch puts the worker's traceback into the message
+    assert one_line(str(caught.value)) == "image 3 has 4 channels, mean/std have 3"
+
+
 def test_other_commands_report_user_errors_in_one_line(tmp_path, capsys):
     rc = main(["visualize", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r.png")])
     assert rc == 2
@@ -342,7 +360,7 @@ def test_a_folder_of_only_broken_images(tmp_path, capsys):
     args = ("data.source=folder", f"data.path={root}", "data.num_samples=null", "data.num_workers=1")
     with pytest.warns(RuntimeWarning):
         assert pretrain(tmp_path / "run", *args, "model.in_chans=3", "train.max_steps=1") == 2
-    assert "no readable image under data.path" in the_error(capsys)
+    assert "no usable image under data.path" in the_error(capsys)
 
 
 def test_non_finite_loss_stops_without_writing_and_keeps_the_last_finite_checkpoint(

@@ -517,8 +517,8 @@ def _check_readable(base: torch.utils.data.Dataset, path: str | None) -> None:
         if not getattr(base, "num_bad", 0):
             raise
         raise DataError(
-            f"no readable image under data.path={path}: all {base.num_bad} file(s) failed to decode (see the "
-            "warnings above); point data.path at a folder of images (jpg, png, ...)"
+            f"no usable image under data.path={path}: all {base.num_bad} file(s) failed to decode or were over "
+            "data.max_image_pixels (see the warnings above); point data.path at a folder of images"
         ) from None
 
 
