@@ -23,6 +23,8 @@ import torch
 from mimkit.cli import main
 from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.engine.config import DataConfig, OptimConfig, TrainConfig
+from mimkit.methods.cae import CAEConfig
+from mimkit.methods.convmae import ConvMAEConfig
 from mimkit.methods.mae import MAE, MAEConfig
 
 # the trainer tests' micro model and data, as command-line overrides
@@ -60,9 +62,9 @@ def _hints(key: str):
     return typing.get_type_hints(MAEConfig if section == "model" else SECTIONS[section])[name]
 
 
-def wrong_type(key: str) -> str:
+def wrong_type(key_or_hint) -> str:
     """A value of the wrong type for the key's annotation (a list for strings, a word for numbers...)."""
-    hint = _hints(key)
+    hint = _hints(key_or_hint) if isinstance(key_or_hint, str) else key_or_hint
     accepted = set(typing.get_args(hint)) | {hint}
     if str in accepted:
         return "{a: 1}"
@@ -101,9 +103,37 @@ EXTRA_OUT_OF_RANGE = [  # the values the issue found accepted or crashing
 ]  # fmt: skip
 
 
+OTHER_METHODS = {"cae_vit_tiny_patch4_32": CAEConfig, "convmae_tiny_patch8_64": ConvMAEConfig}
+OTHER_OUT_OF_RANGE = {  # model keys that MAE does not have
+    "regressor_depth": "-1", "align_weight": "-1", "momentum": "1", "layer_scale_init": "0",
+    "decoder_layer_scale_init": "-0.1", "teacher_mode": "student", "tokenizer_path": "''", "vocab_size": "0",
+    "target": "rgb", "strides": "[4, 0, 2]", "embed_dims": "[64, 0, 128]", "depths": "[1, 1, -1]",
+    "dw_kernel": "0", "conv_norm_eps": "0",
+}  # fmt: skip
+OTHER_KEYS = sorted({(name, f.name) for name, cls in OTHER_METHODS.items() for f in dataclasses.fields(cls)})
+
+
+@pytest.mark.parametrize("name, key", OTHER_KEYS, ids=lambda v: str(v))
+def test_cae_and_convmae_keys_are_checked_too(name, key, capsys):
+    hint = typing.get_type_hints(OTHER_METHODS[name])[key]
+    for value in [wrong_type(hint)] + [OTHER_OUT_OF_RANGE.get(key) or OUT_OF_RANGE.get(f"model.{key}")]:
+        if value is None:  # a key any value of its type suits (booleans)
+            continue
+        assert main(["pretrain", f"model.name={name}", f"model.{key}={value}"]) == 2
+        assert f"model.{key}=" in the_error(capsys)
+
+
 def test_every_key_is_in_the_matrix():
     """A key added without a range (or without saying it needs none) fails here, not in a user's run."""
     assert set(OUT_OF_RANGE) | NO_RANGE == set(ALL_KEYS)
+    no_range = {"norm_pix_loss", "skip_masked"}
+    other = {key for _, key in OTHER_KEYS}
+    assert (
+        other
+        <= {k.split(".")[1] for k in OUT_OF_RANGE if k.startswith("model.")}
+        | set(OTHER_OUT_OF_RANGE)
+        | no_range
+    )
 
 
 @pytest.mark.parametrize("key", ALL_KEYS)
