@@ -393,6 +393,20 @@ def test_a_folder_of_only_broken_images(tmp_path, capsys):
     assert "no usable image under data.path" in the_error(capsys)
 
 
+def test_shards_where_nothing_decodes_stop_with_one_line_instead_of_looping(tmp_path, capsys):
+    from mimkit.data.shards import folder_to_shards
+
+    (tmp_path / "img").mkdir()
+    for i in range(6):
+        (tmp_path / "img" / f"{i}.png").write_text(f"not an image {i}")
+    with pytest.warns(RuntimeWarning):
+        folder_to_shards(tmp_path / "img", tmp_path / "shards", shard_size=3, verify=False)
+        rc = pretrain(tmp_path / "run", "data.source=shards", f"data.path={tmp_path}/shards/train-{{0000..0001}}.tar",
+                      "data.num_samples=null", "data.batch_size=2", "model.in_chans=3", "train.max_steps=2")  # fmt: skip
+    assert rc == 2
+    assert "epoch 0 gave no batch" in the_error(capsys)
+
+
 def test_non_finite_loss_stops_without_writing_and_keeps_the_last_finite_checkpoint(
     tmp_path, monkeypatch, capsys
 ):

@@ -314,7 +314,15 @@ class Trainer:
             if skip:
                 self.sampler.set_start(skip * self.cfg.data.batch_size)
                 skip = 0
-            yield from self.train_loader
+            empty = True
+            for batch in self.train_loader:
+                empty = False
+                yield batch
+            if empty:  # e.g. a stream of shards where no sample decodes: never loop over nothing
+                raise DataError(
+                    f"epoch {epoch} gave no batch of {self.cfg.data.batch_size}: no sample of data.path="
+                    f"{self.cfg.data.path} could be read (see the warnings above); check the data"
+                )
             epoch += 1
 
     def _autocast(self):
