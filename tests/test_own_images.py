@@ -164,7 +164,9 @@ def test_own_photos_end_to_end(method, photos, tmp_path, monkeypatch, capsys):
         result["num_test"] == 4 and result["num_train"] == 17 and result["split"]["skipped_unlabelled"] == 1
     )
     assert "held-out test split: 4 of 21 labelled images" in summary and "train_split" not in summary
-    assert "warning: only 4 test images" in summary
+    assert (
+        "warning: only 4 test images" in summary and "pretrained (without labels) on this folder" in summary
+    )
     # the encoder file probes too, to the same figure
     assert cli(["probe", "knn", "--checkpoint", str(run / "encoder.safetensors"), "--out", str(tmp_path / "enc"),
                 "--no-progress"]) == 0  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .probe import add_data_args, add_model_args, data_spec, default_out
+from .probe import add_data_args, add_model_args, data_spec, default_out, pretrained_on_test_note
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         "model_key": model_key,
         "data": data_record(spec, how),
         "split": how,
-        "warnings": data_warnings(how, num_classes, "finetune"),
+        "warnings": data_warnings(how, num_classes, "finetune")
+        + [n for n in [pretrained_on_test_note(args, spec, how)] if n],
         "num_train": len(train),
         **metrics,
         "history": res["history"],

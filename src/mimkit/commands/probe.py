@@ -142,6 +142,22 @@ def data_spec(args: argparse.Namespace):
     )  # fmt: skip
 
 
+def pretrained_on_test_note(args: argparse.Namespace, spec, how: dict) -> str | None:
+    """Say so when the encoder was pretrained (without labels) on the very folder the test images come from."""
+    from pathlib import Path
+
+    trained = trained_data(getattr(args, "checkpoint", None)) if args.random_init is None else {}
+    if spec.source != "folder" or trained.get("source") != "folder" or not trained.get("path"):
+        return None
+    test_root = Path(how["test"]).parent if how.get("kind") == "folders" else Path(spec.path)
+    if Path(trained["path"]).resolve() != test_root.resolve():
+        return None
+    return (
+        "the encoder was pretrained (without labels) on this folder, test images included; for a strict "
+        "test, pretrain on DIR/train only (data.path=DIR/train) and probe with DIR/train and DIR/test"
+    )
+
+
 def default_out(args: argparse.Namespace, name: str):
     from pathlib import Path
 
@@ -170,11 +186,15 @@ def run(args: argparse.Namespace) -> int:
         linear.base_lrs = attentive.base_lrs = tuple(args.lrs)
     if args.epochs:
         attentive.epochs = args.epochs
+    spec = data_spec(args)
     result = run_probe(
-        args.protocol, model, data_spec(args), model_key, cache, pool=args.pool, bf16=args.bf16 or args.quick,
+        args.protocol, model, spec, model_key, cache, pool=args.pool, bf16=args.bf16 or args.quick,
         device=args.device, k=args.k, temperature=args.temperature, linear=linear, attentive=attentive,
         progress=not args.no_progress,
     )  # fmt: skip
+    note = pretrained_on_test_note(args, spec, result["split"])
+    if note:
+        result["warnings"].append(note)
     paths = write_results(result, out)
     print(paths["summary"].read_text(), end="")
     if args.random_init is None and args.checkpoint:
