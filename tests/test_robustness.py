@@ -470,6 +470,23 @@ def test_oversized_images_are_skipped_without_decoding(tmp_path, capsys, monkeyp
     assert "data.max_image_pixels=400" in capsys.readouterr().out
 
 
+def test_oversized_images_in_shards_are_skipped_with_their_size(tmp_path):
+    from PIL import Image
+
+    from mimkit.data.shards import ShardDataset, folder_to_shards
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), i * 40).save(tmp_path / "img" / f"{i}.png")
+    Image.new("L", (30, 30)).save(tmp_path / "img" / "3-huge.png")
+    folder_to_shards(tmp_path / "img", tmp_path / "shards", shard_size=4)
+    ds = ShardDataset(str(tmp_path / "shards"), shuffle=False, in_chans=1, max_image_pixels=100)
+    with pytest.warns(RuntimeWarning, match="30x30 = 900 pixels, over data.max_image_pixels=100"):
+        images = [img for img, _ in ds]
+    assert [im.size for im in images] == [(8, 8)] * 4  # the big one replaced by the previous sample
+    assert ds.num_bad == 1
+
+
 def test_a_poisoned_feature_cache_is_a_miss_and_is_rebuilt(tmp_path):
     import pickle
 

@@ -255,7 +255,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         in_chans: int | None = 3,
         transform: Callable | None = None,
         mask_generator: Callable[..., torch.Tensor] | None = None,
+        max_image_pixels: int | None = None,
     ):
+        """max_image_pixels: a larger image is skipped like a corrupt one, after reading only its header."""
         if rank is None or world_size is None:
             dist = torch.distributed
             ready = dist.is_available() and dist.is_initialized()
@@ -264,6 +266,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.paths = resolve_shards(urls)
+        self.max_image_pixels = max_image_pixels
         self.sizes, self.classes = shard_sizes(self.paths)
         self.num_classes = len(self.classes)
         self.offsets = [
@@ -344,6 +347,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         from .folder import mode_for_channels, to_mode
 
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+                raise ValueError(
+                    f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels="
+                    f"{self.max_image_pixels:,}"
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_mode(img, mode_for_channels(self.in_chans)) if self.in_chans else img.copy()
@@ -370,7 +379,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 except Exception as err:  # a corrupt member never stops a run
                     self.num_bad += 1
                     warnings.warn(
-                        f"skipping unreadable sample {key!r} in {self.paths[shard]} ({type(err).__name__}); "
+                        f"skipping unreadable sample {key!r} in {self.paths[shard]} ({type(err).__name__}: {err}); "
                         "the previous sample is repeated in its place",
                         RuntimeWarning,
                         stacklevel=2,

@@ -150,6 +150,7 @@ class Trainer:
             dataset = ShardDataset(
                 c.path, c.batch_size, self.dist.rank, self.dist.world_size, seed=seed, in_chans=mc.in_chans,
                 transform=transform, mask_generator=self.model.mask_generator,
+                max_image_pixels=c.max_image_pixels,
             )  # fmt: skip
             return build_loader(dataset, c.batch_size, c.num_workers), dataset, dataset
         base = build_dataset(
