@@ -294,3 +294,11 @@ def test_names_say_what_was_built_and_foreign_files_get_a_fix(tmp_path):
     torch.save({"model": {"cls_token": torch.zeros(1)}}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="mimkit import --from"):
         mimkit.load(tmp_path / "foreign.pth")
+
+
+def test_draft_decoding_shrinks_big_jpegs_but_never_below_the_asked_size(tmp_path):
+    from mimkit.data import ImageFolder
+
+    Image.fromarray(skdata.astronaut()).resize((1600, 1200)).save(tmp_path / "big.jpg")
+    assert ImageFolder(tmp_path)[0][0].size == (1600, 1200)
+    assert ImageFolder(tmp_path, draft_size=256)[0][0].size == (400, 300)  # 1/4: both sides still >= 256
