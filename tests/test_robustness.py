@@ -512,6 +512,29 @@ def test_a_poisoned_feature_cache_is_a_miss_and_is_rebuilt(tmp_path):
         assert torch.equal(reused["features"], got["features"])
 
 
+def test_mimkit_probe_rebuilds_a_poisoned_feature_cache(tmp_path, capsys):
+    from mimkit.engine.checkpoint import save_model
+    from mimkit.registry import create_model
+
+    tiny = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+                decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    save_model(create_model("mae_vit_tiny_patch4_32", **tiny), ckpt)
+    args = ["probe", "knn", "--checkpoint", str(ckpt), "--data", "synthetic", "--max-train", "64", "--max-test",
+            "32", "--batch-size", "32", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    caches = sorted((tmp_path / "feature_cache").glob("features-*.pt"))
+    assert len(caches) == 2
+    caches[0].write_bytes(b"\x80\x04 truncated")
+    caches[1].write_bytes(b"PK\x03\x04 not a zip either")
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="ignoring the feature cache"):
+        assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in "ab")
+    assert a["accuracy"] == b["accuracy"]
+
+
 # ---------------------------------------------------------------------------------------------- leftovers
 def test_stale_temporary_checkpoints_are_removed_on_start(tmp_path, capsys):
     tmp_path.joinpath(".checkpoint.pt.k3j4h5.tmp").write_bytes(b"half a checkpoint")
