@@ -127,6 +127,9 @@ def write_results(
     }
     paths["json"].write_text(json.dumps(result, indent=2, default=float) + "\n")
     paths["summary"].write_text(summary_text(result))
-    title = f"{result.get('protocol', '')} {100 * result['accuracy']:.1f}% — {model_title(result)}"
+    random = (result.get("model_key") or {}).get("init") == "random"
+    title = f"{result.get('protocol', '')} {100 * result['accuracy']:.1f}%\n{result.get('model', '')}" + (
+        "\nRANDOM INIT baseline" if random else ""
+    )
     plot_confusion(result["confusion_matrix"], result["class_names"], paths["confusion"], title)
     return paths
