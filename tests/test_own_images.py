@@ -302,3 +302,13 @@ def test_draft_decoding_shrinks_big_jpegs_but_never_below_the_asked_size(tmp_pat
     Image.fromarray(skdata.astronaut()).resize((1600, 1200)).save(tmp_path / "big.jpg")
     assert ImageFolder(tmp_path)[0][0].size == (1600, 1200)
     assert ImageFolder(tmp_path, draft_size=256)[0][0].size == (400, 300)  # 1/4: both sides still >= 256
+
+
+def test_run_pictures_and_config_go_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from mimkit.viz.tensorboard import log_run_pictures
+
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(tmp_path / "reconstructions.png")
+    (tmp_path / "config.yaml").write_text("model:\n  name: mae_vit_tiny_patch4_32\n")
+    assert log_run_pictures(tmp_path, step=3) == ["pictures/reconstructions", "config"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -1,4 +1,11 @@
 from .curves import plot_loss_curve
 from .reconstruction import pixel_predictions, reconstruction_grid, save_reconstructions
+from .tensorboard import log_run_pictures
 
-__all__ = ["pixel_predictions", "plot_loss_curve", "reconstruction_grid", "save_reconstructions"]
+__all__ = [
+    "log_run_pictures",
+    "pixel_predictions",
+    "plot_loss_curve",
+    "reconstruction_grid",
+    "save_reconstructions",
+]
