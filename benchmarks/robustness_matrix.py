@@ -3,10 +3,11 @@
     python benchmarks/robustness_matrix.py            # ~1 minute on 2 CPU cores
     python benchmarks/robustness_matrix.py --no-signals
 
-Bad configs: every key of every config section and of the MAE model, with a value of the wrong type and
-one out of range, the values found accepted or crashing in issue 14, and broken YAML files. Faults: output
+Bad configs: every key of every config section and of the MAE, CAE and ConvMAE models, with a value of the
+wrong type and one out of range, the values found accepted or crashing in issue 14, and broken YAML files. Faults: output
 folders that cannot be written, a full disk, unreadable data, a NaN loss, an oversized image, a poisoned
-feature cache, leftovers of a killed run, a mismatched resume and SIGTERM (once and twice).
+feature cache, leftovers of a killed run, a mismatched resume and SIGTERM (once and twice). Other commands:
+a missing or non-mimkit checkpoint for probe / finetune / visualize / export / import, a missing folder.
 
 A case counts as "one clear line" when `mimkit` exits with the expected status, prints no traceback, and
 its last stderr line is the one `mimkit <command>: error: ...` line (or, for faults it survives, a single
@@ -37,6 +38,8 @@ import torch
 
 from mimkit.cli import main
 from mimkit.engine.config import DataConfig, OptimConfig, TrainConfig
+from mimkit.methods.cae import CAEConfig
+from mimkit.methods.convmae import ConvMAEConfig
 from mimkit.methods.mae import MAE, MAEConfig
 
 MICRO = [
@@ -61,6 +64,12 @@ OUT_OF_RANGE = {  # a value of the right type outside what the key allows
     "model.decoder_embed_dim": "0", "model.decoder_depth": "-1", "model.decoder_num_heads": "0",
     "model.mask_ratio": "1", "model.mask_kind": "checkerboard", "model.drop_path_rate": "1",
     "model.norm_eps": "0",
+}  # fmt: skip
+OTHER_OUT_OF_RANGE = {  # CAE / ConvMAE model keys
+    "regressor_depth": "-1", "align_weight": "-1", "momentum": "1", "layer_scale_init": "0",
+    "decoder_layer_scale_init": "-0.1", "teacher_mode": "student", "tokenizer_path": "''", "vocab_size": "0",
+    "target": "rgb", "strides": "[4, 0, 2]", "embed_dims": "[64, 0, 128]", "depths": "[1, 1, -1]",
+    "dw_kernel": "0", "conv_norm_eps": "0",
 }  # fmt: skip
 ISSUE_VALUES = [  # issue 14's list: accepted silently or a traceback before
     ("train.epochs", "abc"), ("data.batch_size", "abc"), ("optim.base_lr", "abc"), ("train.max_steps", "0"),
@@ -135,6 +144,13 @@ def bad_config_cases(tmp: Path) -> list[tuple[str, Callable[[], bool]]]:
         cases.append((f"{key}={wrong_type(hint)}", override(key, wrong_type(hint), [f"{key}=", "expected"])))
     for key, value in list(OUT_OF_RANGE.items()) + ISSUE_VALUES:
         cases.append((f"{key}={value}", override(key, value, [f"{key}=", "expected"])))
+    for name, cls in (("cae_vit_tiny_patch4_32", CAEConfig), ("convmae_tiny_patch8_64", ConvMAEConfig)):
+        for key, hint in typing.get_type_hints(cls).items():
+            bad = [wrong_type(hint), OTHER_OUT_OF_RANGE.get(key) or OUT_OF_RANGE.get(f"model.{key}")]
+            for value in filter(None, bad):
+                argv = ["pretrain", f"model.name={name}", f"model.{key}={value}"]
+                check = lambda a=argv, k=key: one_clear_line(run_cli(a), 2, [f"model.{k}=", "expected"])  # noqa: E731
+                cases.append((f"{name}: model.{key}={value}", check))
     for i, (text, words) in enumerate(BAD_FILES):
         path = tmp / f"bad{i}.yaml"
         path.write_text(text)
@@ -279,6 +295,25 @@ def fault_cases(tmp: Path, signals: bool) -> list[tuple[str, Callable[[], bool]]
     return cases
 
 
+def other_command_cases(tmp: Path) -> list[tuple[str, Callable[[], bool]]]:
+    """User errors in the other commands: a missing or non-mimkit checkpoint, a missing image folder."""
+    junk = tmp / "junk.pt"
+    junk.write_text("not a checkpoint")
+    missing = str(tmp / "missing.pt")
+    runs = [
+        ("probe knn, missing checkpoint", "probe", ["probe", "knn", "--checkpoint", missing, "--data", "synthetic", "--out", str(tmp / "p")]),
+        ("finetune, missing checkpoint", "finetune", ["finetune", "--checkpoint", missing, "--data", "synthetic", "--out", str(tmp / "f")]),
+        ("visualize, not a checkpoint", "visualize", ["visualize", "--checkpoint", str(junk), "--out", str(tmp / "v.png")]),
+        ("export, not a checkpoint", "export", ["export", "--format", "timm", "--checkpoint", str(junk), "--out", str(tmp / "e.safetensors")]),
+        ("import, not a checkpoint", "import", ["import", "--from", "mae", str(junk), "--out", str(tmp / "i.pt")]),
+        ("shards, missing folder", "shards", ["shards", "--src", str(tmp / "nothing"), "--out", str(tmp / "s")]),
+    ]  # fmt: skip
+    return [
+        (label, lambda c=cmd, a=argv: one_clear_line(run_cli(a), 2, [], command=c))
+        for label, cmd, argv in runs
+    ]
+
+
 CHILD = """
 import sys, time
 from mimkit.engine import trainer
@@ -325,9 +360,11 @@ def main_() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "faults").mkdir()
+        (tmp / "other").mkdir()
         for name, cases in (
             ("bad_configs", bad_config_cases(tmp)),
             ("faults", fault_cases(tmp / "faults", signals=not args.no_signals)),
+            ("other_commands", other_command_cases(tmp / "other")),
         ):
             unclear = [label for label, case in cases if not case()]
             result[name] = {
@@ -338,8 +375,9 @@ def main_() -> None:
     tried = sum(r["tried"] for r in result.values())
     clear = sum(r["one_clear_line"] for r in result.values())
     result["summary"] = (
-        f"of {result['bad_configs']['tried']} bad configs and {result['faults']['tried']} faults tried, "
-        f"{clear} of {tried} gave one clear line"
+        f"of {result['bad_configs']['tried']} bad configs and {result['faults']['tried']} faults tried in "
+        f"pretrain, and {result['other_commands']['tried']} user errors in other commands, {clear} of {tried} "
+        "gave one clear line"
     )
     print(json.dumps(result, indent=2))
 
