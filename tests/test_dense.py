@@ -375,3 +375,56 @@ def test_segment_command_on_a_folder_of_pairs(tmp_path):
     assert result["heads"]["fpn"]["num_test"] == 8 and 0 <= result["heads"]["fpn"]["miou"] <= 1
     assert (tmp_path / "out" / "predictions.png").stat().st_size > 0
     assert "| linear mIoU |" in (tmp_path / "out" / "result.md").read_text()
+
+
+# --------------------------------------------------------------------------- weights for ViTDet / mmseg
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32"])
+def test_detectron2_weights_give_the_same_blocks_in_a_plain_vit(name):
+    """ViTDet's ViT (window_size=0, no relative positions) is timm's block stack without class token, layer
+    scale or final norm: the converted weights load strictly into that timm ViT and reproduce mimkit's
+    blocks run on the patch tokens alone (CAE's layer scale folded, its q/v bias completed)."""
+    from functools import partial
+
+    from mimkit.dense import to_detectron2_vit
+
+    enc = _encoder(name)
+    sd = to_detectron2_vit(enc)
+    assert not any(k.startswith(("cls_token", "norm.")) or "gamma" in k or "ls1" in k for k in sd)
+    assert sd["pos_embed"].shape == (1, 1 + 64, 32)  # class row kept: pretrain_use_cls_token=True
+    plain = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=0, class_token=False,
+        global_pool="avg", final_norm=False, fc_norm=False, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    ).eval()  # fmt: skip
+    plain.load_state_dict({**sd, "pos_embed": sd["pos_embed"][:, 1:]}, strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = plain.forward_intermediates(images, output_fmt="NLC", intermediates_only=True)
+        x = enc.embed(images)  # [B, L, D] patch tokens + position, no class token
+        for block, t in zip(enc.blocks, theirs, strict=True):
+            x = block(x)
+            torch.testing.assert_close(t, x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32"])
+def test_mmseg_mae_backbone_gives_mimkit_block_outputs(name):
+    """Runs where mmsegmentation (with mmcv) is installed; see docs/dense.md."""
+    mmseg_backbones = pytest.importorskip("mmseg.models.backbones")
+    from mimkit.dense import to_mmseg_vit
+
+    enc = _encoder(name)
+    net = mmseg_backbones.MAE(img_size=32, patch_size=4, embed_dims=32, num_layers=3, num_heads=2,
+                              out_indices=[0, 1, 2], norm_cfg=dict(type="LN", eps=1e-6), final_norm=False,
+                              init_values=1.0)  # fmt: skip
+    net.eval()  # (mmseg's BEiT.train returns None: no chaining)
+    missing, unexpected = net.load_state_dict(to_mmseg_vit(enc), strict=False)
+    assert not unexpected and all("relative_position" in k for k in missing)
+    for layer in net.layers:  # zero tables, as mmseg's MAE initialises them: no relative position bias
+        torch.nn.init.zeros_(layer.attn.relative_position_bias_table)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = enc.forward_intermediates(images, intermediates_only=True)
+        theirs = net(images)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)

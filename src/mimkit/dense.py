@@ -39,6 +39,8 @@ __all__ = [
     "encoder_at_size",
     "encoder_maps",
     "level_name",
+    "to_detectron2_vit",
+    "to_mmseg_vit",
 ]
 
 
@@ -246,3 +248,83 @@ def encoder_at_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Mod
         )
     new.load_state_dict(state, strict=True)
     return new.eval()
+
+
+# ------------------------------------------------------------------------- weights for detection / segmentation
+
+
+def _vit_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    if not hasattr(encoder, "cls_token"):
+        raise ValueError(
+            f"{type(encoder).__name__} is not a plain ViT (MAE / CAE encoder); ConvMAE's conv stages have no "
+            "counterpart in ViTDet's or mmsegmentation's ViT"
+        )
+    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+
+
+def _full_qkv_bias(sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
+    """qkv bias of one block: MAE's as it is; CAE's q_bias / v_bias with a zero key bias in the middle. A key
+    bias adds the same q.b_k to every logit of a query row, so softmax makes any key bias irrelevant: a zero
+    one is exact."""
+    if prefix + "attn.qkv.bias" in sd:
+        return sd.pop(prefix + "attn.qkv.bias")
+    if prefix + "attn.q_bias" in sd:
+        q, v = sd.pop(prefix + "attn.q_bias"), sd.pop(prefix + "attn.v_bias")
+        return torch.cat([q, torch.zeros_like(q), v])
+    return None
+
+
+def to_mmseg_vit(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A mimkit ViT encoder (MAE or CAE) as mmsegmentation's `MAE` backbone names (`backbone.` prefix not
+    included): patch_embed.projection, layers.N.{ln1, attn.qkv (full bias), attn.proj, gamma_1, ln2,
+    ffn.layers.0.0, ffn.layers.1, gamma_2}, cls_token, pos_embed. Layer scales become gamma_1 / gamma_2 (ones
+    for MAE, which has none); the relative position bias tables of that backbone are not included (they
+    start at zero and so change nothing); the final norm is dropped (mmseg's MAE runs with final_norm=False).
+    See docs/dense.md for the config fields that make the features identical."""
+    sd = _vit_state_dict(encoder)
+    out = {"cls_token": sd.pop("cls_token"), "pos_embed": sd.pop("pos_embed")}
+    out["patch_embed.projection.weight"] = sd.pop("patch_embed.proj.weight")
+    out["patch_embed.projection.bias"] = sd.pop("patch_embed.proj.bias")
+    names = {"norm1": "ln1", "norm2": "ln2", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj",
+             "mlp.fc1": "ffn.layers.0.0", "mlp.fc2": "ffn.layers.1"}  # fmt: skip
+    D = encoder.embed_dim
+    for i in range(encoder.num_layers):
+        src, dst = f"blocks.{i}.", f"layers.{i}."
+        bias = _full_qkv_bias(sd, src)
+        if bias is not None:
+            out[dst + "attn.qkv.bias"] = bias
+        for a, b in names.items():
+            for kind in ("weight", "bias"):
+                if f"{src}{a}.{kind}" in sd:
+                    out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
+        out[dst + "gamma_1"] = sd.pop(src + "ls1.gamma", torch.ones(D))
+        out[dst + "gamma_2"] = sd.pop(src + "ls2.gamma", torch.ones(D))
+    sd.pop("norm.weight", None), sd.pop("norm.bias", None)
+    if sd:
+        raise ValueError(f"to_mmseg_vit: keys with no mmseg counterpart: {sorted(sd)}")
+    return out
+
+
+def to_detectron2_vit(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A mimkit ViT encoder (MAE or CAE) as detectron2 ViTDet's `ViT` names (prefix `backbone.net.` for a
+    whole-model checkpoint): patch_embed.proj, pos_embed (class-token row kept: pretrain_use_cls_token=True),
+    blocks.N.{norm1, attn.qkv (full bias), attn.proj, norm2, mlp.fc1, mlp.fc2}. ViTDet's ViT has no layer
+    scale: CAE's gamma_1 / gamma_2 are folded into attn.proj / mlp.fc2 (gamma * (W x + b) = (gamma W) x +
+    gamma b, exact). No cls_token (ViTDet drops it) and no final norm (its pyramid reads the last block).
+    rel_pos_h / rel_pos_w (use_rel_pos=True) are not included: detectron2 initialises them at zero."""
+    sd = _vit_state_dict(encoder)
+    sd.pop("cls_token")
+    sd.pop("norm.weight", None), sd.pop("norm.bias", None)
+    out = {}
+    for i in range(encoder.num_layers):
+        p = f"blocks.{i}."
+        bias = _full_qkv_bias(sd, p)
+        if bias is not None:
+            sd[p + "attn.qkv.bias"] = bias
+        for gamma, linear in (("ls1.gamma", "attn.proj"), ("ls2.gamma", "mlp.fc2")):
+            g = sd.pop(p + gamma, None)
+            if g is not None:
+                sd[f"{p}{linear}.weight"] = sd[f"{p}{linear}.weight"] * g[:, None]
+                sd[f"{p}{linear}.bias"] = sd[f"{p}{linear}.bias"] * g
+    out.update(sd)
+    return out
