@@ -352,22 +352,44 @@ def test_a_head_trained_briefly_beats_chance_miou():
         assert result["miou"] > 1.5 * chance, (head, result["miou"], chance)
 
 
-def test_segment_command_on_a_folder_of_pairs(tmp_path):
+def _probe_like_parser(form: str):
+    """A top-level parser whose `probe` command takes `segment` either as a subparser or, as mimkit's probe
+    does today, through its positional protocol argument."""
     import argparse
-    import json
 
     from mimkit.commands.segment import add_segment_parser
+
+    top = argparse.ArgumentParser(prog="mimkit")
+    probe = top.add_subparsers(dest="command").add_parser("probe")
+    if form == "subparsers":
+        add_segment_parser(probe.add_subparsers(dest="protocol"))
+    else:
+        probe.add_argument("protocol", choices=["knn", "linear", "attentive"])
+        probe.add_argument("--k", type=int, default=20)
+        add_segment_parser(probe)
+    return top
+
+
+@pytest.mark.parametrize("form", ["subparsers", "positional"])
+def test_probe_segment_command_on_a_folder_of_pairs(tmp_path, form):
+    import json
+
+    from mimkit.commands.segment import run_segment
     from mimkit.data.segmentation import GarmentCanvas, write_segmentation_folder
 
     for split, n in (("train", 24), ("test", 8)):
         write_segmentation_folder(
             GarmentCanvas(split, n, 32, seed=0, garments=_Garments()), tmp_path / "seg" / split
         )
-    parser = argparse.ArgumentParser()
-    add_segment_parser(parser.add_subparsers())
-    args = parser.parse_args(["segment", "--random-init", "mae_vit_tiny_patch4_32", "--data", "folder",
-                              "--data-path", str(tmp_path / "seg"), "--epochs", "1", "--batch-size", "8",
-                              "--channels", "8", "--device", "cpu", "--out", str(tmp_path / "out")])  # fmt: skip
+    top = _probe_like_parser(form)
+    args = top.parse_args(["probe", "segment", "--random-init", "mae_vit_tiny_patch4_32", "--data", "folder",
+                           "--data-path", str(tmp_path / "seg"), "--epochs", "1", "--batch-size", "8",
+                           "--channels", "8", "--device", "cpu", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert args.func is run_segment and args.command == "probe"
+    if form == "positional":  # the other protocols still parse as before
+        other = top.parse_args(["probe", "knn", "--k", "5"])
+        assert other.protocol == "knn" and other.k == 5 and not hasattr(other, "func")
+        return  # the run itself is the same function: once is enough
     assert args.func(args) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["class_names"] == ["background", "a", "b", "c"] and result["img_size"] == [32, 32]

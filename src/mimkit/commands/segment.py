@@ -22,15 +22,28 @@ in DIR/train/ and DIR/test/ (else --test-fraction is held out); a mask pixel is 
 DIR/classes.txt names the classes, one a line."""
 
 
-def add_segment_parser(probe_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the `segment` protocol to `mimkit probe`'s subparsers; returns its parser."""
-    p = probe_subparsers.add_parser(
-        "segment",
-        help="semantic segmentation check: frozen encoder + linear / FPN heads, mIoU and pixel accuracy",
-        description=__doc__.split("\n\n")[1],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "semantic segmentation check: frozen encoder + linear / FPN heads, mIoU and pixel accuracy"
+
+
+def add_segment_parser(
+    probe: argparse._SubParsersAction | argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """Add `segment` to `mimkit probe`; returns its parser.
+
+    `probe`: the probe command's subparsers, or the probe parser itself while it picks its protocol with a
+    positional argument (knn / linear / attentive): then `probe segment ...` is handed, before the probe
+    parser reads it, to the segment parser with its own options (the probe protocols' options differ).
+    """
+    kwargs = dict(description=__doc__.split("\n\n")[1], epilog=EPILOG,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    if isinstance(probe, argparse._SubParsersAction):
+        p = probe.add_parser("segment", help=HELP, **kwargs)
+    else:
+        p = argparse.ArgumentParser(prog=f"{probe.prog} segment", **kwargs)
+        _dispatch_first_word(probe, "segment", p)
+        probe.epilog = (
+            probe.epilog or ""
+        ) + f"\n  {probe.prog} segment --checkpoint CKPT   # {HELP} (-h for its options)"
     p.add_argument("--checkpoint", help="what to evaluate: anything mimkit.load reads")
     p.add_argument(
         "--random-init", nargs="?", const="", metavar="MODEL_NAME",
@@ -67,6 +80,19 @@ def add_segment_parser(probe_subparsers: argparse._SubParsersAction) -> argparse
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/segment[_random_init|_pixels])")
     p.set_defaults(func=run_segment)
     return p
+
+
+def _dispatch_first_word(parser: argparse.ArgumentParser, word: str, target: argparse.ArgumentParser) -> None:
+    """Make `parser` hand argument lists starting with `word` to `target` (argparse calls a sub-command's
+    parse_known_args with the words after the command's name)."""
+    own = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        if args and args[0] == word:
+            return target.parse_known_args(args[1:], namespace)
+        return own(args, namespace)
+
+    parser.parse_known_args = parse_known_args
 
 
 def _cuda() -> bool:
