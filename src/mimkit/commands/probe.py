@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("protocol", choices=["knn", "linear", "attentive"])
+    from .segment import add_segment_parser
+
+    add_segment_parser(p)  # `mimkit probe segment ...`: its own options (commands/segment.py)
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/probe_<protocol>)")

@@ -3,7 +3,7 @@
 A segmentation check of an encoder: frozen (or its last --tune-blocks blocks tuned) under a per-patch
 linear head and a small FPN head over its feature pyramid (mimkit.dense), on Fashion-MNIST garments placed
 on a canvas or on a folder of image + mask PNG pairs. Writes result.json, result.md and predictions.png.
-`add_segment_parser(probe_subparsers)` adds it under `mimkit probe`.
+`add_segment_parser` adds it to `mimkit probe`.
 """
 
 from __future__ import annotations
