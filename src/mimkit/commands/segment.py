@@ -41,9 +41,10 @@ def add_segment_parser(
     else:
         p = argparse.ArgumentParser(prog=f"{probe.prog} segment", **kwargs)
         _dispatch_first_word(probe, "segment", p)
-        probe.epilog = (
-            probe.epilog or ""
-        ) + f"\n  {probe.prog} segment --checkpoint CKPT   # {HELP} (-h for its options)"
+        example = (
+            f"\n  {probe.prog} segment --checkpoint CKPT            # segmentation check (-h: its options)"
+        )
+        probe.epilog = (probe.epilog or "") + example
     p.add_argument("--checkpoint", help="what to evaluate: anything mimkit.load reads")
     p.add_argument(
         "--random-init", nargs="?", const="", metavar="MODEL_NAME",
