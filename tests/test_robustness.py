@@ -188,6 +188,25 @@ def test_bad_command_line_is_one_line(args, message, capsys):
     assert message in the_error(capsys)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.num_heads=3"], "model.embed_dim=32 and model.num_heads=3 do not fit"),
+        (
+            ["model.decoder_num_heads=5"],
+            "model.decoder_embed_dim=32 and model.decoder_num_heads=5 do not fit",
+        ),
+        (["model.patch_size=5"], "model.img_size=16 and model.patch_size=5 do not fit"),
+        (["model.img_size=[16, 18]"], "model.img_size=[16, 18] and model.patch_size=4 do not fit"),
+        (["data.source=folder", "data.path=null"], "data.path=null: expected a folder of images"),
+        (["data.source=shards", "data.path=null"], "data.path=null: expected a shard pattern"),
+    ],
+)
+def test_keys_that_must_fit_each_other_are_named(args, message, tmp_path, capsys):
+    assert pretrain(tmp_path, *args) == 2
+    assert message in the_error(capsys)
+
+
 def test_an_override_after_a_flag_is_read(tmp_path, capsys):
     assert main(["pretrain", "--output-dir", str(tmp_path / "a"), "train.max_steps=0"]) == 2
     assert "train.max_steps=0" in the_error(capsys)  # read as an override, not "unrecognized arguments"

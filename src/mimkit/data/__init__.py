@@ -105,7 +105,10 @@ def build_dataset(
     """
     if source == "folder":
         if path is None:
-            raise ValueError("source 'folder' needs a path: pass --data-path /path/to/images")
+            raise ValueError(
+                "source 'folder' needs a path: data.path=/path/to/images for pretrain, --data-path for the "
+                "other commands"
+            )
         root = Path(path).expanduser()
         if split and (root / split).is_dir():
             root = root / split

@@ -442,6 +442,27 @@ def _check_model(cfg: Config) -> Any:
         raise ConfigError(f"config section model: {err}") from None
 
 
+def _check_model_shapes(cfg: Config, method_config: Any) -> None:
+    """Keys that must fit each other: heads divide widths, patches tile the image (named, not a layer's error)."""
+    c = dataclasses.asdict(method_config)
+    widths = [("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")]
+    for width, heads in widths:
+        w, h = c.get(width), c.get(heads)
+        if isinstance(w, int) and isinstance(h, int) and w % h:
+            raise ConfigError(
+                f"config keys model.{width}={w} and model.{heads}={h} do not fit: expected {width} divisible "
+                f"by {heads} (e.g. {heads}={max(d for d in range(1, h + 1) if w % d == 0)})"
+            )
+    size, patch = c.get("img_size"), c.get("patch_size")
+    if isinstance(patch, int) and size is not None:
+        sizes = size if isinstance(size, (list, tuple)) else [size]
+        if any(x % patch for x in sizes):
+            raise ConfigError(
+                f"config keys model.img_size={_show(size)} and model.patch_size={patch} do not fit: expected "
+                "an image size that is a multiple of the patch size"
+            )
+
+
 def validate(cfg: Config) -> None:
     """Cross-key checks (and the model keys); single keys were checked when the sections were built."""
     if cfg.train.online_probe and cfg.train.distributed == "fsdp":
@@ -449,6 +470,7 @@ def validate(cfg: Config) -> None:
             "train.online_probe is not supported with train.distributed=fsdp; use ddp or turn it off"
         )
     method_config = _check_model(cfg)
+    _check_model_shapes(cfg, method_config)
     in_chans = getattr(method_config, "in_chans", None)
     for key in ("mean", "std"):
         values = getattr(cfg.data, key)

@@ -140,6 +140,13 @@ class Trainer:
         from ..data.transforms import pretrain_transform
 
         c, mc, seed = self.cfg.data, self.model.config, self.cfg.train.seed
+        if c.source in ("folder", "shards") and c.path is None:  # a recipe may leave it to the command line
+            what = (
+                "a folder of images"
+                if c.source == "folder"
+                else "a shard pattern (shards/train-{0000..0099}.tar)"
+            )
+            raise ConfigError(f"config key data.path=null: expected {what} when data.source={c.source}")
         mean, std = default_mean_std(c.source, mc.in_chans)
         transform = pretrain_transform(
             mc.img_size, mc.in_chans, c.mean or mean, c.std or std, scale=(c.min_crop_scale, 1.0)
