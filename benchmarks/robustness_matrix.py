@@ -151,6 +151,13 @@ def bad_config_cases(tmp: Path) -> list[tuple[str, Callable[[], bool]]]:
                 argv = ["pretrain", f"model.name={name}", f"model.{key}={value}"]
                 check = lambda a=argv, k=key: one_clear_line(run_cli(a), 2, [f"model.{k}=", "expected"])  # noqa: E731
                 cases.append((f"{name}: model.{key}={value}", check))
+    for args, words in [
+        (["model.num_heads=3"], "model.num_heads=3 do not fit"), (["model.patch_size=5"], "model.patch_size=5 do not fit"),
+        (["model.decoder_num_heads=5"], "model.decoder_num_heads=5 do not fit"),
+        (["data.source=folder", "data.path=null"], "data.path=null"), (["data.source=shards", "data.path=null"], "data.path=null"),
+    ]:  # fmt: skip
+        argv = ["pretrain", "--no-pictures", *MICRO, f"train.output_dir={out}", *args]
+        cases.append((" ".join(args), lambda a=argv, w=words: one_clear_line(run_cli(a), 2, [w])))
     for i, (text, words) in enumerate(BAD_FILES):
         path = tmp / f"bad{i}.yaml"
         path.write_text(text)
