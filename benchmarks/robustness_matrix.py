@@ -337,7 +337,7 @@ def sigterm(tmp: Path, twice: bool) -> bool:
     out = tmp / ("sig2" if twice else "sig1")
     script = tmp / "child.py"
     script.write_text(CHILD)
-    cmd = [sys.executable, str(script), "2.0" if twice else "0.2", "pretrain", "--no-pictures", *MICRO,
+    cmd = [sys.executable, str(script), "4.0" if twice else "0.2", "pretrain", "--no-pictures", *MICRO,
            f"train.output_dir={out}", "train.max_steps=40", "data.num_workers=1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -347,7 +347,7 @@ def sigterm(tmp: Path, twice: bool) -> bool:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     if twice:
-        time.sleep(0.3)
+        time.sleep(1.2)  # a copy within 1 s is taken as the same request (terminal + torchrun)
         proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     if "Traceback" in stderr:

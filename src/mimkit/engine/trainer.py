@@ -486,13 +486,19 @@ class Trainer:
 class StopSignals:
     """While active (`with StopSignals():`), SIGTERM and SIGINT only set `signum`: the training loop stops at
     the end of its step and checkpoints. A second signal terminates the data-loader workers and the process
-    at once. Handlers are installed only from the main thread and restored on exit."""
+    at once. Handlers are installed only from the main thread and restored on exit.
+
+    A second signal within `same_request_s` of the first counts as the same request: a Ctrl-C reaches every
+    process of the terminal's group, and torchrun then forwards it to its workers a few milliseconds later.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, verbose: bool = True):
+    def __init__(self, verbose: bool = True, same_request_s: float = 1.0):
         self.signum: int | None = None
         self.verbose = verbose
+        self.same_request_s = same_request_s
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -513,11 +519,13 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first_at = signum, time.monotonic()
             self._say(
                 f"{name}: finishing this step, then writing a checkpoint (send it again to exit at once)"
             )
             return
+        if time.monotonic() - self._first_at < self.same_request_s:
+            return  # the same stop request, delivered twice (terminal + launcher)
         self._say(f"second {name}: exiting now, without a checkpoint; the previous one is kept")
         for child in multiprocessing.active_children():
             child.terminate()
