@@ -328,6 +328,37 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert "second SIGTERM: exiting now" in stderr and "Traceback" not in stderr
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_data_loader_workers_die_with_a_killed_main_process(tmp_path):
+    out = tmp_path / "run"
+    args = (
+        "data.num_workers=2",
+        "data.num_samples=1024",
+        "train.max_steps=200",
+    )  # one epoch outlasts the test
+    proc = _start_child(tmp_path, 0.2, f"train.output_dir={out}", *args)
+    _wait_for_rows(out / "metrics.jsonl", 2, proc)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.kill()  # SIGKILL: no handler runs, no clean shutdown
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 2.0  # torch's own watchdog would take about 5 s
+    while any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, "a data-loader worker outlived the killed main process"
+        time.sleep(0.02)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+    except (OSError, IndexError):
+        return "gone"
+
+
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     """SIGINT in-process: fit() finishes the step, writes the checkpoint, restores the handlers; rc 130."""
     from mimkit.engine import trainer
