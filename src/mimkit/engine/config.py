@@ -53,8 +53,8 @@ class DataConfig:
     mean: list[float] | None = None  # None = the source's usual statistics
     std: list[float] | None = None
     min_crop_scale: float = 0.2  # RandomResizedCrop scale lower bound (MAE)
-    # Images with more pixels are skipped with a warning (read from the file header, never decoded).
-    # Pillow's own warning level; Pillow refuses only at twice this. None = Pillow's behaviour.
+    # folder / shard images with more pixels are skipped with a warning after reading only their header
+    # (default: Pillow's warning level; Pillow itself refuses only at twice that). None = no cap of ours.
     max_image_pixels: int | None = 89_478_485
 
 
@@ -152,7 +152,7 @@ RULES: dict[str, Rule] = {
     "data.mean": ((lambda v: len(v) >= 1), "a list with one number per channel, or null"),
     "data.std": ((lambda v: len(v) >= 1 and all(x > 0 for x in v)), "a list of numbers > 0, one per channel"),
     "data.min_crop_scale": ((lambda v: 0 < v <= 1), "a number in (0, 1]"),
-    "data.max_image_pixels": _at_least(1, null="for Pillow's own limit"),
+    "data.max_image_pixels": _at_least(1, null="for no cap"),
     "optim.base_lr": _positive(),
     "optim.lr": _positive(null="to use base_lr"),
     "optim.min_lr": _at_least(0, "a number"),
