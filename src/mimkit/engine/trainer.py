@@ -301,7 +301,8 @@ class Trainer:
     def _weights_finite(self) -> bool:
         """Whether every parameter on every process is finite (one host sync; shards checked locally)."""
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        bad = torch.stack([~torch.isfinite(t).all() for t in local if t.numel()]).any().float()
+        flags = [~torch.isfinite(t).all() for t in local if t.numel()]  # a shard may be empty
+        bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=self.dist.device)
         return all_reduce_max(bad, self.dist).item() == 0
 
     def _kept_checkpoint(self) -> str:
