@@ -450,3 +450,28 @@ def test_mmseg_mae_backbone_gives_mimkit_block_outputs(name):
         theirs = net(images)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_tune_blocks_trains_the_last_blocks_and_nothing_before():
+    from mimkit.data.segmentation import DenseTransform, GarmentCanvas
+    from mimkit.eval.segmentation import DenseData, SegmentationConfig, train_segmentation, tuned_parameters
+
+    enc = _encoder("mae_vit_tiny_patch4_32", in_chans=1)
+    names = {id(p): n for n, p in enc.named_parameters()}
+    picked = sorted(names[id(p)] for p in tuned_parameters(enc, 1))
+    assert picked and all(n.startswith(("blocks.2.", "norm.")) for n in picked)
+    assert {n.split(".")[0] for n in picked} == {"blocks", "norm"}
+    conv = _encoder("convmae_tiny_patch8_64")
+    conv_names = {id(p): n for n, p in conv.named_parameters()}
+    assert all(conv_names[id(p)].startswith(("blocks3.2.", "norm.", "stage1_output_decode", "stage2_output_decode"))
+               for p in tuned_parameters(conv, 1))  # fmt: skip
+
+    ds = GarmentCanvas("train", 8, 32, seed=0, garments=_Garments())
+    data = DenseData(ds, DenseTransform(32, 1, (0.5,), (0.5,)))
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    flags = {n: p.requires_grad for n, p in enc.named_parameters()}
+    train_segmentation(enc, data, data, 4, SegmentationConfig(head="linear", epochs=1, batch_size=4, tune_blocks=1,
+                                                               encoder_lr=1e-2), log=lambda *_: None)  # fmt: skip
+    changed = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(picked)
+    assert flags == {n: p.requires_grad for n, p in enc.named_parameters()}  # left as it was

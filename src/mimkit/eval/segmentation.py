@@ -177,16 +177,11 @@ def train_segmentation(
     torch.manual_seed(config.seed)
     encoder = encoder.to(device).eval()
     head = build_head(config.head, encoder, num_classes, config.channels, config.min_stride).to(device)
+    trainable = [(p, p.requires_grad) for p in encoder.parameters()]  # restored at the end
+    tuned = tuned_parameters(encoder, config.tune_blocks)
+    tuned_ids = {id(p) for p in tuned}
     for p in encoder.parameters():
-        p.requires_grad_(False)
-    tuned: list[nn.Parameter] = []
-    if config.tune_blocks > 0:
-        for p in encoder.parameters():  # requires_grad back on for the tuned part only
-            p.requires_grad_(True)
-        tuned = tuned_parameters(encoder, config.tune_blocks)
-        tuned_ids = {id(p) for p in tuned}
-        for p in encoder.parameters():
-            p.requires_grad_(id(p) in tuned_ids)
+        p.requires_grad_(id(p) in tuned_ids)
     groups = [{"params": list(head.parameters()), "lr": config.lr or HEAD_LRS[config.head]}]
     if tuned:
         groups.append({"params": tuned, "lr": config.encoder_lr})
@@ -226,8 +221,8 @@ def train_segmentation(
     for s in range(0, len(test), 64):
         pred = predict(encoder, head, test.images[s : s + 64].to(device))
         conf += confusion(pred.cpu(), test.masks[s : s + 64], num_classes)
-    for p in encoder.parameters():
-        p.requires_grad_(False)
+    for p, flag in trainable:
+        p.requires_grad_(flag)
     result = segmentation_metrics(conf, class_names)
     result.update(
         head=config.head, steps=step, seconds=round(seconds, 1), train_loss_first=losses[0],
