@@ -71,5 +71,8 @@ def write_pictures(trainer) -> None:
             seed=trainer.cfg.train.seed,
         )  # fmt: skip
         print(f"[mimkit] wrote {out / 'loss_curve.png'} and {path}")
+        from ..viz import log_run_pictures
+
+        log_run_pictures(out, trainer.step)  # the pictures and the config in TensorBoard too
     except ValueError as e:  # e.g. token targets have no pixel picture
         print(f"[mimkit] no reconstruction picture: {e}")

@@ -57,7 +57,7 @@ class ResizeCover:
     def __call__(self, img: Image.Image) -> Image.Image:
         w, h = img.size
         scale = max(self.size[0] / h, self.size[1] / w)
-        new = (max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale)))
+        new = (max(self.size[0], int(h * scale)), max(self.size[1], int(w * scale)))  # as torchvision/timm
         return F.resize(img, list(new), interpolation=self.interpolation)
 
     def __repr__(self) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.checks import no_batch_message, pretrain_warnings
 from ..errors import ConfigError, DataError, NonFiniteLossError, OutputError
 from ..registry import create_model
 from .checkpoint import atomic_save, load_checkpoint, model_state, remove_stale_temporaries
@@ -65,6 +66,9 @@ class Trainer:
         self.model = create_model(cfg.model_name, **cfg.model_overrides).to(self.dist.device)
         self.train_loader, self.dataset, self.sampler = self._build_data()
         self.micro_per_epoch = len(self.train_loader)
+        too_few = no_batch_message(len(self.dataset), cfg.data.batch_size, self.dist.world_size)
+        if too_few and cfg.data.source != "shards":
+            raise DataError(too_few)
         if self.micro_per_epoch < cfg.optim.accum_steps:
             raise ValueError(
                 f"the dataset gives {self.micro_per_epoch} batches per process per epoch, fewer than "
@@ -77,6 +81,12 @@ class Trainer:
             if cfg.optim.warmup_steps is not None
             else int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         )
+        if self.dist.is_main and cfg.data.source != "shards":
+            for warning in pretrain_warnings(
+                getattr(self.dataset, "base", self.dataset), self.model.config.in_chans, cfg.data.batch_size,
+                self.dist.world_size, self.total_steps, self.warmup_steps,
+            ):  # fmt: skip
+                self._log(f"warning: {warning}")
         self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * self.dist.world_size
         self.peak_lr = (
             cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * self.global_batch / 256
