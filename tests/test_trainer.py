@@ -261,3 +261,18 @@ def test_every_shipped_recipe_loads_and_the_cpu_ones_train_a_step(recipe, tmp_pa
         small.append(f"model.tokenizer_path={save_tokenizer(small_vq(), tmp_path / 'tok.safetensors')}")
     trainer = Trainer(load_config(recipe, small))
     assert math.isfinite(trainer.fit()["loss"])
+
+
+def test_pretrain_help_lists_every_config_key_and_the_recipes(capsys):
+    import dataclasses
+
+    from mimkit.cli import main as cli
+    from mimkit.engine.config import SECTIONS
+
+    with pytest.raises(SystemExit):
+        cli(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    for section, cls in SECTIONS.items():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{section}:"))
+        assert all(f"{f.name}=" in line for f in dataclasses.fields(cls)), section
+    assert "list-models" in text and "mae_photos_cpu.yaml" in text

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain with a YAML recipe; any key can be overridden as section.key=value, e.g. "
         "`mimkit pretrain --config configs/mae_tiny_fmnist.yaml train.max_steps=200 data.batch_size=128`. "
         "Launch under torchrun for several processes/GPUs/nodes.",
+        epilog=_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are used for what it omits")
     p.add_argument("--output-dir", help="run directory (train.output_dir)")
@@ -25,6 +27,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pictures", action="store_true", help="skip the loss curve and reconstruction PNGs")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
+
+
+def _keys_help() -> str:
+    """Every data/optim/train key with its default, and where the model keys and recipes are listed."""
+    import dataclasses
+
+    from ..engine.config import SECTIONS
+
+    lines = ["config keys (section.key=value; defaults shown):"]
+    for section, cls in SECTIONS.items():
+        fields = [f"{f.name}={_default(f)}" for f in dataclasses.fields(cls)]
+        lines.append(f"  {section}: " + ", ".join(fields))
+    lines += [
+        "  model: name=<preset> plus any field of the method's config (img_size, in_chans, depth, mask_ratio, ...);",
+        "         `mimkit list-models` lists the presets and their fields",
+        "recipes: configs/*_pretrain.yaml (the papers' ImageNet recipes), configs/*_tiny_fmnist.yaml (CPU,",
+        "Fashion-MNIST), configs/mae_photos_cpu.yaml (your own photos on a CPU: data.path=DIR)",
+    ]
+    return "\n".join(lines)
+
+
+def _default(field) -> object:
+    import dataclasses
+
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else "?"
 
 
 def run(args: argparse.Namespace) -> int:
