@@ -202,6 +202,51 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     assert not torch.allclose(a["decoder_pred.weight"], init["decoder_pred.weight"])  # it did train
 
 
+def test_compiled_ddp_skips_the_all_reduce_on_all_but_the_last_micro_batch(tmp_path, monkeypatch):
+    """With train.compile the model is torch.compile(DDP(model)); no_sync must still reach the DDP module."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from mimkit.engine import trainer as trainer_module
+    from mimkit.engine.distributed import DistInfo
+
+    class OneProcessGroup(DistInfo):  # a real gloo group of one process, treated as distributed
+        enabled = property(lambda self: True)
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: a module wrapping, not subclassing, DDP
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    entered = []
+    plain_no_sync = torch.nn.parallel.DistributedDataParallel.no_sync
+
+    @contextlib.contextmanager
+    def counting_no_sync(self):
+        entered.append(1)
+        with plain_no_sync(self):
+            yield
+
+    monkeypatch.setattr(torch.nn.parallel.DistributedDataParallel, "no_sync", counting_no_sync)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Compiled(model))
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: OneProcessGroup())
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = load_config(None, MICRO + [f"train.output_dir={tmp_path}", "data.batch_size=4",
+                                         "optim.accum_steps=3", "train.compile=true"])  # fmt: skip
+        trainer = Trainer(cfg)
+        assert isinstance(trainer.train_model, Compiled)
+        trainer.train_step(trainer.batches())
+        assert len(entered) == 2  # micro-batches 1 and 2 accumulate locally; the 3rd all-reduces
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(tmp_path):
     args = ("data.batch_size=8", "train.max_steps=3", "optim.accum_steps=2", "optim.clip_grad=1.0")
     ddp = final_weights(_torchrun(tmp_path, 2, *args, name="ddp"))

@@ -193,8 +193,10 @@ class Trainer:
         return OnlineProbe(self.model.encoder.embed_dim, num_classes).to(self.dist.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
+        """DDP (kept as `self.ddp` for its no_sync: torch.compile hides it), then torch.compile."""
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if self.dist.enabled and not self.fsdp:
-            model = nn.parallel.DistributedDataParallel(
+            model = self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
             )
         if self.cfg.train.compile:
@@ -364,9 +366,8 @@ class Trainer:
             last = i == accum - 1
             if self.fsdp:
                 self.model.set_requires_gradient_sync(last)
-            ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
             with (
-                self.train_model.no_sync() if ddp and not last else contextlib.nullcontext(),
+                self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext(),
                 self._autocast(),
             ):
                 out = self.train_model(images, mask)
