@@ -65,12 +65,17 @@ def test_fused_attention_is_counted_on_cpu():
     assert fused == count_flops_per_image(model, training=False)
 
 
-def test_model_flops_per_image_falls_back_to_counting():
+def test_model_flops_per_image_uses_the_models_own_count_else_measures(monkeypatch):
+    from mimkit.engine import perf
+
     model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL)
     set_fused_attention(model, False)
-    analytic = model_flops_per_image(model)
+    measured = []
+    monkeypatch.setattr(perf, "count_flops_per_image", lambda m, **kw: measured.append(m) or 123)
+    analytic = model_flops_per_image(model)  # MAE offers flops_per_image(): nothing is measured
+    assert analytic == mae_flops_per_image(model.config) and measured == []
 
-    class Wrapped(torch.nn.Module):  # not an MAE: must be measured
+    class Wrapped(torch.nn.Module):  # same config, no flops_per_image of its own: must be measured
         def __init__(self, inner):
             super().__init__()
             self.inner, self.config = inner, inner.config
@@ -78,7 +83,10 @@ def test_model_flops_per_image_falls_back_to_counting():
         def forward(self, images):
             return self.inner(images)
 
-    assert model_flops_per_image(Wrapped(model)) == analytic
+    wrapped = Wrapped(model)
+    assert model_flops_per_image(wrapped) == 123 and measured == [wrapped]
+    monkeypatch.undo()
+    assert model_flops_per_image(wrapped) == analytic  # and the measurement agrees with the formula
 
 
 def test_matmul_ceiling_and_mfu():

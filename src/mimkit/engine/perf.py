@@ -133,11 +133,13 @@ def count_flops_per_image(
 def model_flops_per_image(model: nn.Module, training: bool = True) -> int:
     """Matmul FLOPs per image of one training step (forward + backward) or, `training=False`, a forward.
 
-    Analytic for MAE (exact, matches FlopCounterMode); measured with `count_flops_per_image` on one image
-    for every other model (call it once, at start-up: it costs about one batch-1 step).
+    A model that knows its own count exactly offers `model.flops_per_image(training)` (MAE: analytic, equal
+    to FlopCounterMode's); any other model is measured with `count_flops_per_image` on one image (call it
+    once, at start-up: it costs about one batch-1 step).
     """
-    if getattr(model, "method", None) == "mae" and type(model).__name__ == "MAE":
-        return mae_flops_per_image(model.config, training)
+    own_count = getattr(model, "flops_per_image", None)
+    if callable(own_count):
+        return int(own_count(training))
     return count_flops_per_image(model, training=training)
 
 

@@ -74,6 +74,12 @@ class MAE(nn.Module):
         loss = self.forward_loss(images, pred, mask)
         return MIMOutput(loss=loss, pred=pred, mask=mask, features=latent[:, 0])
 
+    def flops_per_image(self, training: bool = True) -> int:
+        """Matmul FLOPs per image of a training step (or a forward), counted exactly from the config."""
+        from ..engine.perf import mae_flops_per_image
+
+        return mae_flops_per_image(self.config, training)
+
 
 def _preset(**kw) -> MAEConfig:
     return MAEConfig(**kw)
