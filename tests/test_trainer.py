@@ -85,11 +85,21 @@ def test_checkpoint_holds_everything_needed_and_loads_weights_only(tmp_path):
 
 
 def test_exported_encoder_safetensors_matches_model(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from mimkit.interop.export import export_safetensors
 
     trainer = run_trainer(tmp_path, "train.max_steps=1", "data.batch_size=8")
     exported = load_file(tmp_path / "encoder.safetensors")
     assert_same(exported, trainer.model.encoder.state_dict())
+    # one encoder export: the trainer writes what `mimkit export --format safetensors --encoder-only` writes
+    again = export_safetensors(tmp_path / "checkpoint.pt", tmp_path / "again", encoder_only=True)
+    assert_same(load_file(again), exported)
+    metadata = [
+        safe_open(str(f), framework="pt").metadata() for f in (tmp_path / "encoder.safetensors", again)
+    ]
+    assert metadata[0] == metadata[1] and '"contents": "encoder"' in metadata[0]["mimkit"]
 
 
 def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):

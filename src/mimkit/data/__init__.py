@@ -3,7 +3,8 @@
 Every base dataset (ImageFolder, FashionMNIST, SyntheticImages, torchvision's CIFAR10) returns
 `(PIL.Image, int label)` (label -1 when unknown) and carries `classes` / `num_classes` where known.
 MIMDataset adds the transform and the mask, seeded per sample; ResumableSampler splits epochs over processes
-and resumes mid-epoch; build_loader makes the DataLoader.
+and resumes mid-epoch; build_loader makes the DataLoader; build_pretrain_data does all of it from the
+config's `data` section (the trainer's data path).
 
     base = build_dataset("fashion_mnist", img_size=28, in_chans=1)
     mean, std = default_mean_std("fashion_mnist", 1)
@@ -28,6 +29,7 @@ from ..errors import DataError
 from .fashion_mnist import FashionMNIST, read_idx
 from .folder import IMG_EXTENSIONS, ImageFolder, mode_for_channels, to_mode
 from .mim_dataset import MIMDataset, mix_seed
+from .pretrain import build_pretrain_data
 from .sampler import ResumableSampler
 from .synthetic import SyntheticImages
 from .transforms import default_mean_std, eval_transform, pretrain_transform
@@ -46,6 +48,7 @@ __all__ = [
     "SubsetDataset",
     "SyntheticImages",
     "build_dataset",
+    "build_pretrain_data",
     "build_loader",
     "default_mean_std",
     "eval_transform",

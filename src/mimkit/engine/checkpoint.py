@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import OutputError
 
 FORMAT = "mimkit/1"
 
@@ -59,6 +62,46 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+def prepare_output_dir(out: Path) -> list[Path]:
+    """Create a run directory and prove it writable now (not after an hour of training); clean up what an
+    interrupted checkpoint write left behind (returned). OutputError says what to do otherwise."""
+    fix = "choose a writable folder with --output-dir (train.output_dir=...)"
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"train.output_dir={out} is a file, not a folder; {fix}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write to train.output_dir={out}: {err.strerror or err}; {fix}") from None
+    return remove_stale_temporaries(out)
+
+
+def resume_differences(
+    ckpt: dict[str, Any], config: dict[str, Any], world_size: int, model_config: dict[str, Any]
+) -> list[str]:
+    """'key (checkpoint A, now B)' for each setting that decides batches, masks or the model, comparing a
+    training checkpoint with the run about to resume from it (`config` = the resolved config as a dict)."""
+    saved = ckpt.get("config") or {}
+    pairs = [
+        (f"{section}.{key}", saved.get(section, {}).get(key), config[section][key])
+        for section, key in (("data", "batch_size"), ("optim", "accum_steps"), ("train", "seed"))
+    ]
+    if "world_size" in ckpt:
+        pairs.append(("processes", ckpt["world_size"], world_size))
+    saved_model = ckpt.get("model_config") or {}
+    for key in sorted(set(saved_model) | set(model_config)):
+        if key != "tokenizer_path":  # where the tokenizer file lives is not what it is
+            pairs.append((f"model.{key}", saved_model.get(key), model_config.get(key)))
+    if "world_size" in ckpt:  # N processes x batch b == 1 process x N accumulated micro-batches of b
+        saved_global = ckpt["world_size"] * saved.get("optim", {}).get("accum_steps", 1)
+        if saved_global == world_size * config["optim"]["accum_steps"]:
+            pairs = [p for p in pairs if p[0] not in ("processes", "optim.accum_steps")]
+    plain = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  tuples == lists
+    return [f"{k} (checkpoint {plain(a)}, now {plain(b)})" for k, a, b in pairs if plain(a) != plain(b)]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

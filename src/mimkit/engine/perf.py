@@ -27,6 +27,7 @@ __all__ = [
     "mae_flops_per_image",
     "count_flops_per_image",
     "model_flops_per_image",
+    "flops_and_ceiling",
     "measure_matmul_ceiling",
     "mfu",
 ]
@@ -173,6 +174,18 @@ def measure_matmul_ceiling(
         if i:  # the first call is a warm-up
             best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def flops_and_ceiling(
+    model: nn.Module, ceiling: float | None, precision: str = "fp32", device: str | torch.device = "cpu"
+) -> tuple[float, float]:
+    """(model FLOPs per image per training step, matmul FLOP/s ceiling) for a run's MFU: the ceiling given,
+    or measured at the run's precision ("bf16" or "fp32") on `device`."""
+    flops = float(model_flops_per_image(model))
+    if ceiling is None:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ceiling = measure_matmul_ceiling(dtype, device=device)
+    return flops, float(ceiling)
 
 
 def mfu(images_per_second: float, flops_per_image: float, ceiling_flops_per_second: float) -> float:

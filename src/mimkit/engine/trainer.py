@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import multiprocessing
-import os
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,15 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.checks import no_batch_message, pretrain_warnings
+from ..data import build_pretrain_data
+from ..data.checks import pretrain_warnings
 from ..errors import ConfigError, DataError, NonFiniteLossError, OutputError
 from ..registry import create_model
-from .checkpoint import atomic_save, load_checkpoint, model_state, remove_stale_temporaries
+from .checkpoint import atomic_save, load_checkpoint, model_state, prepare_output_dir, resume_differences
 from .config import Config, save_config
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cleanup, init_distributed
+from .logger import MetricLogger, progress_bar
+from .online_probe import build_online_probe
 from .optim import cosine_lr, param_groups
+from .perf import flops_and_ceiling
+from .signals import StopSignals
 
-__all__ = ["NonFiniteLossError", "StopSignals", "Trainer", "export_encoder", "step_seed"]
+__all__ = ["NonFiniteLossError", "StopSignals", "Trainer", "step_seed"]
 
 # Why a loss or the weights stop being finite, most likely first; every message about it ends with this.
 LIKELY_CAUSES = (
@@ -59,16 +60,16 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.stopped_by: int | None = None  # the signal that stopped fit() after a checkpoint, if one did
         self.last_saved_step: int | None = None  # step of the newest checkpoint.pt in out_dir
-        if self.dist.is_main:
-            self._prepare_output_dir()
+        removed = prepare_output_dir(self.out_dir) if self.dist.is_main else []
+        if removed:
+            self._log(f"removed {len(removed)} temporary file(s) left by an interrupted checkpoint write")
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
         self.model = create_model(cfg.model_name, **cfg.model_overrides).to(self.dist.device)
-        self.train_loader, self.dataset, self.sampler = self._build_data()
+        self.train_loader, self.dataset, self.sampler = build_pretrain_data(
+            cfg.data, self.model, cfg.train.seed, self.dist.rank, self.dist.world_size
+        )
         self.micro_per_epoch = len(self.train_loader)
-        too_few = no_batch_message(len(self.dataset), cfg.data.batch_size, self.dist.world_size)
-        if too_few and cfg.data.source != "shards":
-            raise DataError(too_few)
         if self.micro_per_epoch < cfg.optim.accum_steps:
             raise ValueError(
                 f"the dataset gives {self.micro_per_epoch} batches per process per epoch, fewer than "
@@ -98,7 +99,11 @@ class Trainer:
             from .fsdp import shard_model
 
             shard_model(self.model, activation_checkpointing=cfg.train.activation_checkpointing)
-        self.online_probe = self._build_online_probe() if cfg.train.online_probe else None
+        self.online_probe = (
+            build_online_probe(self.dataset, self.model.encoder.embed_dim, self.dist.device)
+            if cfg.train.online_probe
+            else None
+        )
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay)
             + (param_groups(self.online_probe, 0.0) if self.online_probe else []),
@@ -111,86 +116,9 @@ class Trainer:
         if cfg.train.resume:
             self._resume(cfg.train.resume)
         self.train_model = self._wrap(self.model)
-        self.flops_per_image, self.ceiling = self._measure_flops()
-
-    def _measure_flops(self) -> tuple[float, float]:
-        """Model FLOPs per image per training step and the matmul ceiling they are compared with (MFU)."""
-        from .perf import measure_matmul_ceiling, model_flops_per_image
-
-        flops = float(model_flops_per_image(self.model))
-        ceiling = self.cfg.train.matmul_ceiling
-        if ceiling is None:
-            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
-            ceiling = measure_matmul_ceiling(dtype, device=self.dist.device)
-        return flops, float(ceiling)
-
-    # ---------------------------------------------------------------- setup
-    def _prepare_output_dir(self) -> None:
-        """Create the run directory and prove it writable now (not after an hour of training); clean up what
-        an interrupted checkpoint write left behind."""
-        out, fix = self.out_dir, "choose a writable folder with --output-dir (train.output_dir=...)"
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"train.output_dir={out} is a file, not a folder; {fix}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise OutputError(
-                f"cannot write to train.output_dir={out}: {err.strerror or err}; {fix}"
-            ) from None
-        removed = remove_stale_temporaries(out)
-        if removed:
-            self._log(f"removed {len(removed)} temporary file(s) left by an interrupted checkpoint write")
-
-    def _build_data(self):
-        """(loader, dataset, position keeper): the dataset has set_epoch, the keeper set_epoch/set_start."""
-        from ..data import MIMDataset, ResumableSampler, build_dataset, build_loader, default_mean_std
-        from ..data.transforms import pretrain_transform
-
-        c, mc, seed = self.cfg.data, self.model.config, self.cfg.train.seed
-        if c.source in ("folder", "shards") and c.path is None:  # a recipe may leave it to the command line
-            what = (
-                "a folder of images"
-                if c.source == "folder"
-                else "a shard pattern (shards/train-{0000..0099}.tar)"
-            )
-            raise ConfigError(f"config key data.path=null: expected {what} when data.source={c.source}")
-        mean, std = default_mean_std(c.source, mc.in_chans)
-        transform = pretrain_transform(
-            mc.img_size, mc.in_chans, c.mean or mean, c.std or std, scale=(c.min_crop_scale, 1.0)
+        self.flops_per_image, self.ceiling = flops_and_ceiling(
+            self.model, cfg.train.matmul_ceiling, cfg.train.precision, self.dist.device
         )
-        if c.source == "shards":  # a stream: the dataset splits by rank/worker and keeps its own position
-            from ..data.shards import ShardDataset
-
-            dataset = ShardDataset(
-                c.path, c.batch_size, self.dist.rank, self.dist.world_size, seed=seed, in_chans=mc.in_chans,
-                transform=transform, mask_generator=self.model.mask_generator,
-                max_image_pixels=c.max_image_pixels,
-            )  # fmt: skip
-            return build_loader(dataset, c.batch_size, c.num_workers), dataset, dataset
-        base = build_dataset(
-            c.source, path=c.path, split=c.split, num_samples=c.num_samples,
-            img_size=mc.img_size, in_chans=mc.in_chans, seed=seed, max_image_pixels=c.max_image_pixels,
-        )  # fmt: skip
-        if c.source == "folder":
-            _check_readable(base, c.path)
-        dataset = MIMDataset(base, transform, self.model.mask_generator, seed=seed)
-        sampler = ResumableSampler(
-            len(dataset), self.dist.world_size, self.dist.rank, seed=seed, shuffle=True
-        )
-        return build_loader(dataset, c.batch_size, c.num_workers, sampler), dataset, sampler
-
-    def _build_online_probe(self) -> nn.Module:
-        from ..eval.online import OnlineProbe
-
-        num_classes = getattr(self.dataset, "num_classes", None)
-        if not num_classes:
-            raise ValueError(
-                "train.online_probe needs a labelled dataset (class subfolders or a known dataset)"
-            )
-        return OnlineProbe(self.model.encoder.embed_dim, num_classes).to(self.dist.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DDP (kept as `self.ddp` for its no_sync: torch.compile hides it), then torch.compile."""
@@ -235,7 +163,9 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume: {path} holds {ckpt.get('model_name')!r}, the config asks for {self.cfg.model_name!r}"
             )
-        differences = self._resume_differences(ckpt)
+        differences = resume_differences(
+            ckpt, self.cfg.to_dict(), self.dist.world_size, dataclasses.asdict(self.model.config)
+        )
         if differences and not self.cfg.train.resume_force:
             raise ConfigError(
                 f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(differences)}; "
@@ -260,27 +190,6 @@ class Trainer:
             self.last_saved_step = self.step
         self._log(f"resumed from {path} at step {self.step}")
 
-    def _resume_differences(self, ckpt: dict[str, Any]) -> list[str]:
-        """'key (checkpoint A, now B)' for each setting that decides batches, masks or the model."""
-        saved, now = ckpt.get("config") or {}, self.cfg.to_dict()
-        pairs = [
-            (f"{section}.{key}", saved.get(section, {}).get(key), now[section][key])
-            for section, key in (("data", "batch_size"), ("optim", "accum_steps"), ("train", "seed"))
-        ]
-        if "world_size" in ckpt:
-            pairs.append(("processes", ckpt["world_size"], self.dist.world_size))
-        saved_model, now_model = ckpt.get("model_config") or {}, dataclasses.asdict(self.model.config)
-        for key in sorted(set(saved_model) | set(now_model)):
-            if key != "tokenizer_path":  # where the tokenizer file lives is not what it is
-                pairs.append((f"model.{key}", saved_model.get(key), now_model.get(key)))
-        if "world_size" in ckpt:  # N processes x batch b == 1 process x N accumulated micro-batches of b
-            saved_global = ckpt["world_size"] * saved.get("optim", {}).get("accum_steps", 1)
-            now_global = self.dist.world_size * self.cfg.optim.accum_steps
-            if saved_global == now_global:
-                pairs = [p for p in pairs if p[0] not in ("processes", "optim.accum_steps")]
-        plain = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  tuples == lists
-        return [f"{k} (checkpoint {plain(a)}, now {plain(b)})" for k, a, b in pairs if plain(a) != plain(b)]
-
     def save(self, name: str = "checkpoint.pt", export: bool = False) -> Path:
         """Write the training state (rank 0) and, with `export`, the encoder as safetensors beside it.
 
@@ -297,8 +206,14 @@ class Trainer:
         if self.dist.is_main:
             try:
                 atomic_save(state, path)
-                if export:
-                    export_encoder(state, self.out_dir / "encoder.safetensors")
+                if (
+                    export
+                ):  # the encoder alone, as `mimkit export --format safetensors --encoder-only` writes it
+                    from ..interop.export import export_encoder
+
+                    export_encoder(
+                        state, self.out_dir / "encoder.safetensors", getattr(self.model, "method", None)
+                    )
             except OSError as err:
                 kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
                 raise OutputError(
@@ -493,152 +408,3 @@ class Trainer:
 
     def close(self) -> None:
         cleanup(self.dist)
-
-
-class StopSignals:
-    """While active (`with StopSignals():`), SIGTERM and SIGINT only set `signum`: the training loop stops at
-    the end of its step and checkpoints. A second signal terminates the data-loader workers and the process
-    at once. Handlers are installed only from the main thread and restored on exit.
-
-    A second signal within `same_request_s` of the first counts as the same request: a Ctrl-C reaches every
-    process of the terminal's group, and torchrun then forwards it to its workers a few milliseconds later.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, verbose: bool = True, same_request_s: float = 1.0):
-        self.signum: int | None = None
-        self.verbose = verbose
-        self.same_request_s = same_request_s
-        self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def _say(self, text: str) -> None:
-        if self.verbose:  # os.write: print() is not safe inside a signal handler
-            os.write(2, f"[mimkit] {text}\n".encode())
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is None:
-            self.signum, self._first_at = signum, time.monotonic()
-            self._say(
-                f"{name}: finishing this step, then writing a checkpoint (send it again to exit at once)"
-            )
-            return
-        if time.monotonic() - self._first_at < self.same_request_s:
-            return  # the same stop request, delivered twice (terminal + launcher)
-        self._say(f"second {name}: exiting now, without a checkpoint; the previous one is kept")
-        for child in multiprocessing.active_children():
-            child.terminate()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-def _check_readable(base: torch.utils.data.Dataset, path: str | None) -> None:
-    """Fail early, in one line, when not one file of an image folder decodes (rather than in a worker)."""
-    try:
-        base[0]
-    except RuntimeError:
-        if not getattr(base, "num_bad", 0):
-            raise
-        raise DataError(
-            f"no usable image under data.path={path}: all {base.num_bad} file(s) failed to decode or were over "
-            "data.max_image_pixels (see the warnings above); point data.path at a folder of images"
-        ) from None
-
-
-def export_encoder(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """A checkpoint's encoder weights as safetensors (timm key names), the model config in its metadata."""
-    from safetensors.torch import save_file
-
-    prefix = "encoder."
-    state = {
-        k[len(prefix) :]: v.contiguous().cpu() for k, v in checkpoint["model"].items() if k.startswith(prefix)
-    }
-    meta = {
-        "model_name": str(checkpoint["model_name"]),
-        "model_config": json.dumps(checkpoint["model_config"]),
-    }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never half a file
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class MetricLogger:
-    """One JSON line per log step in metrics.jsonl, mirrored to TensorBoard (rank 0 only).
-
-    Rows after `start_step` (logged by an earlier run past the checkpoint it resumes from, or by an earlier
-    run in the same folder when starting at 0) are dropped, as is a line cut short by a crash, so each step
-    appears once; TensorBoard purges its events after `start_step` the same way.
-    """
-
-    def __init__(self, out_dir: Path, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        self.file = self.tb = None
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / "metrics.jsonl"
-            if path.exists():
-                _truncate_metrics(path, start_step)
-            self.file = open(path, "a")  # noqa: SIM115
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
-            except ImportError:
-                self.tb = None
-
-    def log(self, step: int, stats: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **stats, "time": time.time()}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in stats.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the rows of metrics.jsonl with step <= last_step (and only complete JSON lines)."""
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= last_step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-
-def progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)

@@ -1,5 +1,6 @@
 """Evaluation of frozen and fine-tuned encoders: kNN, linear and attentive probes, (partial) fine-tuning."""
 
+from ..engine.online_probe import OnlineProbe  # trained during pretraining, kept here too
 from .attentive import AttentiveProbe, AttentiveProbeConfig, train_attentive_probe
 from .features import cached_features, extract_features, get_encoder, pool_tokens
 from .finetune import (
@@ -11,7 +12,6 @@ from .finetune import (
 )
 from .knn import knn_classify, knn_predict
 from .linear import LARS, LinearHeadBank, LinearProbeConfig, ProbeResult, train_linear_probe
-from .online import OnlineProbe, pooled_features
 from .report import classification_metrics, confusion_matrix, write_results
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "knn_predict",
     "layer_decay_param_groups",
     "pool_tokens",
-    "pooled_features",
     "set_trainable_blocks",
     "train_attentive_probe",
     "train_linear_probe",

@@ -1,29 +1,27 @@
-"""Online linear probe for pretraining: a learning-curve signal, off by default.
+"""Online linear probe for pretraining: a learning-curve signal, off by default (train.online_probe).
 
 A linear head on *detached* encoder features, trained with the pretraining optimizer alongside the method
 (its loss is simply added to the pretraining loss; since its input is detached, no gradient reaches the
-encoder, so pretraining is unchanged). Usage in a training step:
+encoder, so pretraining is unchanged). The trainer's step:
 
-    probe = OnlineProbe(model.encoder.embed_dim, num_classes)   # registered as a submodule / in the optimizer
-    latent = model.forward_encoder(images, mask)                # [B, P + visible, D]
-    probe_loss, probe_acc = probe(pooled_features(latent, model.encoder), labels)
-    loss = out.loss + probe_loss                                # log probe_acc
+    probe = build_online_probe(dataset, model.encoder.embed_dim, device)   # in the optimizer, the checkpoint
+    out = model(images, mask)
+    probe_loss, probe_acc = probe(out.features, labels)                     # out.features [B, D] pooled
+    loss = out.loss + probe_loss                                            # log probe_acc
 
 Samples with label < 0 (unlabelled images) are ignored; with none labelled the loss is 0 and the
-accuracy NaN.
+accuracy NaN. It lives in the engine (not eval) because it is part of the training step and its state.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def pooled_features(tokens: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
-    """[B, P + L, D] encoder output -> [B, D]: the class token, or the mean of patch tokens without one."""
-    prefix = getattr(encoder, "num_prefix_tokens", 0)
-    return tokens[:, 0] if prefix > 0 else tokens.mean(dim=1)
+__all__ = ["OnlineProbe", "build_online_probe"]
 
 
 class OnlineProbe(nn.Module):
@@ -49,3 +47,11 @@ class OnlineProbe(nn.Module):
         loss = F.cross_entropy(logits[known], labels[known])
         accuracy = (logits[known].argmax(-1) == labels[known]).float().mean().detach()
         return loss, accuracy
+
+
+def build_online_probe(dataset: Any, embed_dim: int, device: torch.device | str = "cpu") -> OnlineProbe:
+    """A probe over the classes of `dataset` (its `num_classes`); ValueError for an unlabelled dataset."""
+    num_classes = getattr(dataset, "num_classes", None)
+    if not num_classes:
+        raise ValueError("train.online_probe needs a labelled dataset (class subfolders or a known dataset)")
+    return OnlineProbe(embed_dim, num_classes).to(device)
