@@ -33,14 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMANDS.values():
-        try:
-            module = importlib.import_module(f".commands.{module_name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.commands.{module_name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+    for module_name in COMMANDS.values():  # a missing or broken command module is an error, never skipped
+        importlib.import_module(f".commands.{module_name}", __package__).register(sub)
     return parser
 
 
