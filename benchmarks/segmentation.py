@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=15, help="head training epochs")
     p.add_argument("--channels", type=int, default=32, help="pyramid / FPN width")
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    p.add_argument("--linear-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
+                   help="linear head lrs, the best on a held-out tenth of the training canvases kept")  # fmt: skip
+    p.add_argument("--fpn-lrs", type=float, nargs="+", default=[3e-3], help="FPN head lrs (as --linear-lrs)")
     p.add_argument("--batch-size", type=int, default=None, help="pretraining batch (default: the recipe's)")
     p.add_argument("--base-lr", type=float, default=None, help="pretraining base lr (default: the recipe's)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
@@ -102,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             transform = DenseTransform(size, dense.in_chans, dense.mean, dense.std)
             data_cache[key] = (DenseData(train_ds, transform), DenseData(test_ds, transform), classes)
         started = time.process_time()
-        r = segmentation_check(
-            dense, spec, tuple(args.heads), config, size, args.device, data=data_cache[key]
-        )
+        head_lrs = {"linear": tuple(args.linear_lrs), "fpn": tuple(args.fpn_lrs)}
+        r = segmentation_check(dense, spec, tuple(args.heads), config, size, args.device, data=data_cache[key],
+                               head_lrs=head_lrs)  # fmt: skip
         modules = r.pop("modules")
         r["label"], r["cpu_seconds"] = label, round(time.process_time() - started, 1)
         test = data_cache[key][1]

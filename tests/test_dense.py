@@ -475,3 +475,20 @@ def test_tune_blocks_trains_the_last_blocks_and_nothing_before():
     changed = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(picked)
     assert flags == {n: p.requires_grad for n, p in enc.named_parameters()}  # left as it was
+
+
+def test_lr_sweep_chooses_on_held_out_training_images():
+    from mimkit.data.segmentation import DenseTransform, GarmentCanvas
+    from mimkit.dense import PixelEncoder
+    from mimkit.eval.segmentation import DenseData, SegmentationConfig, train_segmentation
+
+    ds = GarmentCanvas("train", 20, 32, seed=0, garments=_Garments())
+    data = DenseData(ds, DenseTransform(32, 1, (0.5,), (0.5,)))
+    config = SegmentationConfig(head="linear", epochs=2, batch_size=6, lrs=(1e-4, 3e-2), val_fraction=0.2)
+    result = train_segmentation(PixelEncoder(4, 1), data, data, 4, config, log=lambda *_: None)
+    assert result["num_train"] == 16 and result["num_val"] == 4
+    assert set(result["val_miou"]) == {"0.0001", "0.03"}
+    assert result["lr"] == max((v, float(k)) for k, v in result["val_miou"].items())[1]
+    with pytest.raises(ValueError, match="frozen encoder"):
+        enc = _encoder("mae_vit_tiny_patch4_32", in_chans=1)
+        train_segmentation(enc, data, data, 4, SegmentationConfig(lrs=(1e-3, 1e-2), tune_blocks=1))

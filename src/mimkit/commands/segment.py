@@ -73,6 +73,10 @@ def add_segment_parser(
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, help="head lr (AdamW, cosine; default: linear 1e-2, fpn 3e-3)")
+    p.add_argument(
+        "--lrs", type=float, nargs="+",
+        help="several head lrs: one head each, the best on a held-out tenth of the training images is reported",
+    )  # fmt: skip
     p.add_argument("--channels", type=int, default=64, help="pyramid / FPN width")
     p.add_argument("--tune-blocks", type=int, default=0, help="also tune the encoder's last k blocks")
     p.add_argument("--encoder-lr", type=float, default=1e-4, help="lr of the tuned blocks")
@@ -136,7 +140,8 @@ def run_segment(args: argparse.Namespace) -> int:
     spec = DenseSpec(args.data, args.data_path, args.num_train, args.num_test, args.canvas_size, args.max_garments,
                      args.test_fraction, args.seed)  # fmt: skip
     config = SegmentationConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, channels=args.channels,
-                                tune_blocks=args.tune_blocks, encoder_lr=args.encoder_lr, seed=args.seed)  # fmt: skip
+                                tune_blocks=args.tune_blocks, encoder_lr=args.encoder_lr, seed=args.seed,
+                                lrs=tuple(args.lrs) if args.lrs else None)  # fmt: skip
     result = segmentation_check(dense, spec, tuple(args.head), config, img_size, args.device)
     modules = result.pop("modules")
 

@@ -12,7 +12,9 @@ Heads (both read the encoder through `mimkit.dense`, i.e. timm's feature contrac
   level upsampled to the finest and concatenated, a 1x1 conv + LayerNorm + GELU, a 1x1 classifier,
   bilinear upsampling to the image.
 
-With a frozen encoder (`tune_blocks=0`) its maps are computed once (stored in float16) and the head trains
+With several learning rates (`lrs`), one head per lr trains on the training images minus a held-out tenth and
+the best on that tenth is reported (as mimkit's linear probe chooses its lr). With a frozen encoder
+(`tune_blocks=0`) its maps are computed once (stored in float16) and the head trains
 on them; with `tune_blocks=k` the parameters of the last k blocks and the final norm (the encoder's
 `layer_id` > depth - k) train too, at `encoder_lr`, and the encoder runs at every step.
 Metrics: confusion matrix over every labelled test pixel (255 = ignore); IoU_c = TP / (TP + FP + FN),
@@ -37,7 +39,7 @@ from ..data.segmentation import IGNORE_INDEX
 from ..dense import build_neck, conv_ln, encoder_maps, map_specs
 
 HEADS = ("linear", "fpn")
-HEAD_LRS = {"linear": 1e-2, "fpn": 3e-3}  # AdamW peak lrs from a short sweep on the canvas task
+HEAD_LRS = {"linear": 1e-2, "fpn": 3e-3}  # AdamW peak lrs from a short sweep (600 / 200 canvases, 8 epochs)
 
 
 class LinearSegHead(nn.Module):
@@ -95,6 +97,8 @@ class SegmentationConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float | None = None  # AdamW peak lr, cosine to 0 over the run; None: HEAD_LRS[head]
+    lrs: tuple[float, ...] | None = None  # several: one head each, the best on held-out training images kept
+    val_fraction: float = 0.1  # share of the training images held out to choose among `lrs`
     weight_decay: float = 1e-4
     channels: int = 64  # FPN / pyramid width
     min_stride: int = 2  # FPN: pyramid levels finer than this are left out (a patch-4 ViT's stride 1)
@@ -171,35 +175,93 @@ def train_segmentation(
 ) -> dict[str, Any]:
     """Train a head (and the last `config.tune_blocks` blocks) on `train`, evaluate on `test`.
 
-    Returns {"miou", "pixel_accuracy", "iou", "pixels", "steps", "seconds", "train_loss_last", "head", ...}
-    and keeps the trained modules in the returned "modules" entry (head, encoder) for predictions."""
+    With several `config.lrs` (frozen encoder only), one head per lr trains on the training images minus a
+    seeded `val_fraction`, the one with the best mIoU on that held-out share is kept (the test set chooses
+    nothing). Returns {"miou", "pixel_accuracy", "iou", "pixels", "lr", "val_miou", "steps", "seconds",
+    "train_loss_first", "train_loss_last", ...} and the trained modules in "modules" (head, encoder)."""
     device = torch.device(device)
-    torch.manual_seed(config.seed)
     encoder = encoder.to(device).eval()
-    head = build_head(config.head, encoder, num_classes, config.channels, config.min_stride).to(device)
     trainable = [(p, p.requires_grad) for p in encoder.parameters()]  # restored at the end
     tuned = tuned_parameters(encoder, config.tune_blocks)
     tuned_ids = {id(p) for p in tuned}
     for p in encoder.parameters():
         p.requires_grad_(id(p) in tuned_ids)
-    groups = [{"params": list(head.parameters()), "lr": config.lr or HEAD_LRS[config.head]}]
+    lrs = tuple(config.lrs or (config.lr or HEAD_LRS[config.head],))
+    if len(lrs) > 1 and tuned:
+        raise ValueError("an lr sweep needs a frozen encoder (tune_blocks=0): give one lr with --tune-blocks")
+    fit, val = torch.arange(len(train)), None
+    if len(lrs) > 1:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+        n_val = max(1, int(round(config.val_fraction * len(train))))
+        fit, val = order[n_val:].sort().values, order[:n_val].sort().values
+    cached = _maps_in_batches(encoder, train.images, 64, device) if not tuned else None
+    start = time.perf_counter()
+    runs = []
+    for lr in lrs:
+        head, losses = _fit_head(encoder, train, fit, cached, tuned, num_classes, config, lr, device, log)
+        val_miou = None
+        if val is not None:
+            conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+            for s in range(0, len(val), 64):
+                idx = val[s : s + 64]
+                with torch.no_grad():
+                    logits = _full_size(
+                        head([level[idx].to(device) for level in cached]), train.masks.shape[-2:]
+                    )
+                conf += confusion(logits.argmax(1).cpu(), train.masks[idx], num_classes)
+            val_miou = segmentation_metrics(conf)["miou"]
+            log(f"[segment] {config.head} lr {lr:g}: held-out mIoU {100 * val_miou:.1f}")
+        runs.append((val_miou if val_miou is not None else 0.0, lr, head, losses))
+    val_miou, lr, head, losses = max(runs, key=lambda r: r[0])
+    seconds = time.perf_counter() - start
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for s in range(0, len(test), 64):
+        pred = predict(encoder, head, test.images[s : s + 64].to(device))
+        conf += confusion(pred.cpu(), test.masks[s : s + 64], num_classes)
+    for p, flag in trainable:
+        p.requires_grad_(flag)
+    result = segmentation_metrics(conf, class_names)
+    result.update(
+        head=config.head, lr=lr, steps=len(losses), seconds=round(seconds, 1), train_loss_first=losses[0],
+        train_loss_last=sum(losses[-10:]) / len(losses[-10:]), num_train=len(fit), num_test=len(test),
+        config=dataclasses.asdict(config), modules={"encoder": encoder, "head": head},
+    )  # fmt: skip
+    if val is not None:
+        result.update(val_miou={f"{r[1]:g}": round(r[0], 4) for r in runs}, num_val=len(val))
+    return result
+
+
+def _fit_head(
+    encoder: nn.Module,
+    train: DenseData,
+    fit: torch.Tensor,
+    cached: list[torch.Tensor] | None,
+    tuned: list[nn.Parameter],
+    num_classes: int,
+    config: SegmentationConfig,
+    lr: float,
+    device: torch.device,
+    log,
+) -> tuple[nn.Module, list[float]]:
+    """One head (and the tuned blocks) trained on train[fit]: AdamW, cosine from `lr` to 0."""
+    torch.manual_seed(config.seed)
+    head = build_head(config.head, encoder, num_classes, config.channels, config.min_stride).to(device)
+    groups = [{"params": list(head.parameters()), "lr": lr}]
     if tuned:
         groups.append({"params": tuned, "lr": config.encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     base_lrs = [g["lr"] for g in groups]
-
-    cached = _maps_in_batches(encoder, train.images, 64, device) if not tuned else None
-    steps_per_epoch = max(1, len(train) // config.batch_size)
+    steps_per_epoch = max(1, len(fit) // config.batch_size)
     total = steps_per_epoch * config.epochs
     gen = torch.Generator().manual_seed(config.seed)
-    start, step, losses = time.perf_counter(), 0, []
+    losses: list[float] = []
     head.train()
     for epoch in range(config.epochs):
-        order = torch.randperm(len(train), generator=gen)
+        order = fit[torch.randperm(len(fit), generator=gen)]
         for b in range(steps_per_epoch):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * 0.5 * (1 + math.cos(math.pi * len(losses) / total))
             masks = train.masks[idx].to(device)
             if cached is not None:
                 maps = [level[idx].to(device) for level in cached]
@@ -211,25 +273,12 @@ def train_segmentation(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            step += 1
+        recent = losses[-steps_per_epoch:]
         log(
-            f"[segment] {config.head} epoch {epoch + 1}/{config.epochs}: loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}"
+            f"[segment] {config.head} lr {lr:g} epoch {epoch + 1}/{config.epochs}: loss {sum(recent) / len(recent):.4f}"
         )
-    seconds = time.perf_counter() - start
     head.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for s in range(0, len(test), 64):
-        pred = predict(encoder, head, test.images[s : s + 64].to(device))
-        conf += confusion(pred.cpu(), test.masks[s : s + 64], num_classes)
-    for p, flag in trainable:
-        p.requires_grad_(flag)
-    result = segmentation_metrics(conf, class_names)
-    result.update(
-        head=config.head, steps=step, seconds=round(seconds, 1), train_loss_first=losses[0],
-        train_loss_last=sum(losses[-10:]) / len(losses[-10:]), num_train=len(train), num_test=len(test),
-        config=dataclasses.asdict(config), modules={"encoder": encoder, "head": head},
-    )  # fmt: skip
-    return result
+    return head, losses
 
 
 def _full_size(logits: torch.Tensor, size) -> torch.Tensor:
@@ -425,12 +474,15 @@ def segmentation_check(
     device: str = "cpu",
     log=print,
     data: tuple[DenseData, DenseData, list[str]] | None = None,
+    head_lrs: dict[str, tuple[float, ...]] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate each head on the dense task; {"encoder", "init", "heads": {head: metrics}, ...}.
-    `data` re-uses already transformed (train, test, classes) (same normalisation and size)."""
+    `data` re-uses already transformed (train, test, classes) (same normalisation and size); `head_lrs`
+    gives a head its own lrs to choose from (else `config.lrs` / `config.lr`)."""
     from ..data.segmentation import DenseTransform
 
     config = config or SegmentationConfig()
+    head_lrs = head_lrs or {}
     if data is None:
         train_ds, test_ds, classes = dense_datasets(spec)
         transform = DenseTransform(img_size, dense.in_chans, dense.mean, dense.std)
@@ -441,7 +493,8 @@ def segmentation_check(
     modules = {}
     for head in heads:
         log(f"[segment] {dense.name} ({dense.init}), {head} head")
-        result = train_segmentation(dense.encoder, train, test, len(classes), dataclasses.replace(config, head=head),
+        head_config = dataclasses.replace(config, head=head, lrs=head_lrs.get(head, config.lrs))
+        result = train_segmentation(dense.encoder, train, test, len(classes), head_config,
                                     class_names=classes, device=device, log=log)  # fmt: skip
         modules[head] = result.pop("modules")
         out["heads"][head] = result
