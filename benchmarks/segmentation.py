@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--reuse", action="store_true", help="re-use the pretraining runs recorded in --out")
     p.add_argument(
         "--replot", action="store_true", help="only rewrite segmentation.md from segmentation.json"
     )
@@ -122,8 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(summary_lines([r])[2:]), flush=True)
         (out / "segmentation.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
+    previous = out / "segmentation.json"
+    earlier = (
+        json.loads(previous.read_text()).get("pretraining", {}) if args.reuse and previous.is_file() else {}
+    )
     for name in models:
         checkpoint = given.get(name)
+        if checkpoint is None and name in earlier and Path(earlier[name]["checkpoint"]).is_file():
+            print(f"[segmentation] {name}: re-using {earlier[name]['checkpoint']}", flush=True)
+            results["pretraining"][name] = earlier[name]
+            checkpoint = earlier[name]["checkpoint"]
         if checkpoint is None and args.minutes > 0:
             facts = pretrain(name, args.minutes, out / name, args)
             results["pretraining"][name] = facts
