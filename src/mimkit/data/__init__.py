@@ -29,7 +29,7 @@ from ..errors import DataError
 from .fashion_mnist import FashionMNIST, read_idx
 from .folder import IMG_EXTENSIONS, ImageFolder, mode_for_channels, to_mode
 from .mim_dataset import MIMDataset, mix_seed
-from .pretrain import build_pretrain_data
+from .pretrain import build_pretrain_data, micro_batches
 from .sampler import ResumableSampler
 from .synthetic import SyntheticImages
 from .transforms import default_mean_std, eval_transform, pretrain_transform
@@ -52,6 +52,7 @@ __all__ = [
     "build_loader",
     "default_mean_std",
     "eval_transform",
+    "micro_batches",
     "mix_seed",
     "mode_for_channels",
     "pretrain_transform",

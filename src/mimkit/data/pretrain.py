@@ -1,9 +1,7 @@
 """The pretraining data path in one call: base dataset -> transform + per-sample mask -> loader.
 
     loader, dataset, position = build_pretrain_data(cfg.data, model, seed=0, rank=rank, world_size=world)
-    for epoch in ...:
-        position.set_epoch(epoch); dataset.set_epoch(epoch)     # position.set_start(n) to resume mid-epoch
-        for images, masks, labels in loader: ...
+    for images, masks, labels in micro_batches(loader, dataset, position, start=0, data=cfg.data): ...
 
 `data` is the `data` section of the run config (any object with its fields: source, path, split,
 num_samples, batch_size, num_workers, mean, std, min_crop_scale, max_image_pixels).
@@ -11,6 +9,7 @@ num_samples, batch_size, num_workers, mean, std, min_crop_scale, max_image_pixel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from ..errors import ConfigError, DataError
 from .checks import no_batch_message
 
-__all__ = ["build_pretrain_data", "check_readable"]
+__all__ = ["build_pretrain_data", "check_readable", "micro_batches"]
 
 
 def build_pretrain_data(
@@ -65,6 +64,31 @@ def build_pretrain_data(
     dataset = MIMDataset(base, transform, model.mask_generator, seed=seed)
     sampler = ResumableSampler(len(dataset), world_size, rank, seed=seed, shuffle=True)
     return build_loader(dataset, c.batch_size, c.num_workers, sampler), dataset, sampler
+
+
+def micro_batches(
+    loader: torch.utils.data.DataLoader, dataset: Any, position: Any, start: int, data: Any
+) -> Iterator[Any]:
+    """The loader's batches forever from micro-batch `start` (counted from the run's first): each epoch
+    sets the position keeper's and the dataset's epoch (new order, new augmentations and masks); `start`
+    inside an epoch resumes there. DataError when an epoch gives no batch (`data`: the config's section)."""
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        position.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        if skip:
+            position.set_start(skip * data.batch_size)
+            skip = 0
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # e.g. a stream of shards where no sample decodes: never loop over nothing
+            raise DataError(
+                f"epoch {epoch} gave no batch of {data.batch_size}: no sample of data.path={data.path} could "
+                "be read (see the warnings above); check the data"
+            )
+        epoch += 1
 
 
 def check_readable(base: torch.utils.data.Dataset, path: Any) -> None:

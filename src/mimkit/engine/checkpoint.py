@@ -64,6 +64,32 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def training_weights(
+    model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state dict, optimizer state dict) in a single-process layout. `sharded` (FSDP): gathered on
+    rank 0, a collective every rank calls (the others get empty dicts)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from .fsdp import full_model_state_dict, full_optimizer_state_dict
+
+    return full_model_state_dict(model), full_optimizer_state_dict(model, optimizer)
+
+
+def load_training_weights(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any], sharded: bool = False
+) -> None:
+    """Load a checkpoint's "model" and "optimizer" (single-process layout) into a plain or sharded model."""
+    if not sharded:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return
+    from .fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
+
+    load_full_model_state_dict(model, ckpt["model"])
+    load_full_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
+
+
 def prepare_output_dir(out: Path) -> list[Path]:
     """Create a run directory and prove it writable now (not after an hour of training); clean up what an
     interrupted checkpoint write left behind (returned). OutputError says what to do otherwise."""

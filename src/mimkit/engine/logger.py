@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricLogger", "progress_bar"]
+__all__ = ["MetricLogger", "TrainingLog", "progress_bar"]
 
 
 class MetricLogger:
@@ -76,3 +76,41 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+class TrainingLog:
+    """Rank 0's account of a run, fed once per optimizer step: on log steps a metrics row with throughput
+    (`img_per_sec`, images of all processes), per-process `mfu` (this process's share of the images against
+    one device's matmul ceiling) and `epoch`; the progress bar after every step. Other ranks only count."""
+
+    def __init__(
+        self, out_dir: Path, enabled: bool, start_step: int, total_steps: int, progress: bool,
+        images_per_step: int, world_size: int, flops_per_image: float, ceiling: float,
+    ):  # fmt: skip
+        self.metrics = MetricLogger(out_dir, enabled=enabled, start_step=start_step)
+        self.bar = progress_bar(total_steps, start_step, enabled=enabled and progress)
+        self.images_per_step, self.world_size = images_per_step, world_size
+        self.flops_per_image, self.ceiling = flops_per_image, ceiling
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def step(self, step: int, stats: dict[str, float], write: bool, epoch: float) -> None:
+        """Count this step's images; with `write`, add the throughput keys to `stats` (in place) and log it."""
+        self.window_images += self.images_per_step
+        if write:
+            stats["img_per_sec"] = self.window_images / (time.perf_counter() - self.window_start)
+            stats["mfu"] = stats["img_per_sec"] / self.world_size * self.flops_per_image / self.ceiling
+            stats["epoch"] = epoch
+            self.metrics.log(step, stats)
+            self.window_start, self.window_images = time.perf_counter(), 0
+            if self.bar is not None:
+                self.bar.set_postfix(
+                    loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                    img_s=f"{stats['img_per_sec']:.1f}", mfu=f"{stats['mfu']:.1%}",
+                )  # fmt: skip
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()

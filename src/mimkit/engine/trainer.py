@@ -18,21 +18,28 @@ import dataclasses
 import math
 import random
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import build_pretrain_data
+from ..data import build_pretrain_data, micro_batches
 from ..data.checks import pretrain_warnings
-from ..errors import ConfigError, DataError, NonFiniteLossError, OutputError
+from ..errors import ConfigError, NonFiniteLossError, OutputError
 from ..registry import create_model
-from .checkpoint import atomic_save, load_checkpoint, model_state, prepare_output_dir, resume_differences
+from .checkpoint import (
+    atomic_save,
+    load_checkpoint,
+    load_training_weights,
+    model_state,
+    prepare_output_dir,
+    resume_differences,
+    training_weights,
+)
 from .config import Config, save_config
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cleanup, init_distributed
-from .logger import MetricLogger, progress_bar
+from .logger import TrainingLog
 from .online_probe import build_online_probe
 from .optim import cosine_lr, param_groups
 from .perf import flops_and_ceiling
@@ -134,13 +141,7 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The full training state; under FSDP a collective that gathers everything on rank 0."""
-        if self.fsdp:
-            from .fsdp import full_model_state_dict, full_optimizer_state_dict
-
-            weights = full_model_state_dict(self.model)
-            optimizer = full_optimizer_state_dict(self.model, self.optimizer)
-        else:
-            weights, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        weights, optimizer = training_weights(self.model, self.optimizer, sharded=self.fsdp)
         return {
             **model_state(self.model, weights),
             "optimizer": optimizer,
@@ -174,14 +175,7 @@ class Trainer:
             )
         if differences:
             self._log(f"resuming despite different {', '.join(differences)} (train.resume_force)")
-        if self.fsdp:
-            from .fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
-
-            load_full_model_state_dict(self.model, ckpt["model"])
-            load_full_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"])
-        else:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_training_weights(self.model, self.optimizer, ckpt, sharded=self.fsdp)
         if self.online_probe is not None and ckpt.get("online_probe"):
             self.online_probe.load_state_dict(ckpt["online_probe"])
         self.step, self.micro_done = int(ckpt["step"]), int(ckpt["micro_done"])
@@ -243,23 +237,9 @@ class Trainer:
 
         For loops of your own (a time budget, a custom schedule): `b = trainer.batches()`, then
         `trainer.train_step(b)` as often as you like, `trainer.save()` at the end."""
-        epoch, skip = divmod(self.micro_done, self.micro_per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch)
-            self.dataset.set_epoch(epoch)
-            if skip:
-                self.sampler.set_start(skip * self.cfg.data.batch_size)
-                skip = 0
-            empty = True
-            for batch in self.train_loader:
-                empty = False
-                yield batch
-            if empty:  # e.g. a stream of shards where no sample decodes: never loop over nothing
-                raise DataError(
-                    f"epoch {epoch} gave no batch of {self.cfg.data.batch_size}: no sample of data.path="
-                    f"{self.cfg.data.path} could be read (see the warnings above); check the data"
-                )
-            epoch += 1
+        yield from micro_batches(
+            self.train_loader, self.dataset, self.sampler, self.micro_done, self.cfg.data
+        )
 
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -325,7 +305,6 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        logger = MetricLogger(self.out_dir, enabled=self.dist.is_main, start_step=self.step)
         self._log(
             f"{cfg.model_name}: {self.num_params / 1e6:.2f}M params, "
             f"{len(self.dataset)} images, global batch {self.global_batch}, peak lr {self.peak_lr:.3g}, "
@@ -335,34 +314,18 @@ class Trainer:
         )
         self.train_model.train()
         batches = self.batches()
-        bar = progress_bar(self.total_steps, self.step, enabled=self.dist.is_main and cfg.train.progress)
+        log = TrainingLog(
+            self.out_dir, self.dist.is_main, self.step, self.total_steps, cfg.train.progress,
+            self.global_batch, self.dist.world_size, self.flops_per_image, self.ceiling,
+        )  # fmt: skip
         stats: dict[str, float] = {}
-        window_start, window_images = time.perf_counter(), 0
         signals = StopSignals(verbose=self.dist.is_main)
         try:
             with signals:
                 while self.step < self.total_steps:
                     stats = self.train_step(batches)
-                    window_images += self.global_batch
-                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        stats["img_per_sec"] = window_images / elapsed
-                        # per-process MFU: this process's share of the images against one device's ceiling
-                        stats["mfu"] = (
-                            stats["img_per_sec"] / self.dist.world_size * self.flops_per_image / self.ceiling
-                        )
-                        stats["epoch"] = self.micro_done / self.micro_per_epoch
-                        logger.log(self.step, stats)
-                        window_start, window_images = time.perf_counter(), 0
-                        if bar is not None:
-                            bar.set_postfix(
-                                loss=f"{stats['loss']:.4f}",
-                                lr=f"{stats['lr']:.2e}",
-                                img_s=f"{stats['img_per_sec']:.1f}",
-                                mfu=f"{stats['mfu']:.1%}",
-                            )
-                    if bar is not None:
-                        bar.update(1)
+                    write = self.step % cfg.train.log_every == 0 or self.step == self.total_steps
+                    log.step(self.step, stats, write, epoch=self.micro_done / self.micro_per_epoch)
                     if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
                         self.save(export=self.step == self.total_steps)
                     keep = cfg.train.keep_every_epochs
@@ -381,9 +344,7 @@ class Trainer:
                     )
         finally:
             batches.close()
-            if bar is not None:
-                bar.close()
-            logger.close()
+            log.close()
         if self.dist.is_main:
             bad = getattr(self.dataset, "num_bad", 0)
             if bad:
