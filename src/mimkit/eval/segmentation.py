@@ -7,16 +7,16 @@ Heads (both read the encoder through `mimkit.dense`, i.e. timm's feature contrac
   (stride r) to K * r * r logits, pixel-shuffled to full resolution: each token predicts the classes of its
   own r x r pixels, nothing else mixes tokens (the dense analogue of the linear probe).
 - "fpn": a small UperNet-style head over the 4-level pyramid (ViTDet's simple pyramid for plain ViTs,
-  ConvMAE's native one; levels finer than `min_stride`, 2 by default, left out: a patch-4 ViT's stride-1
-  level costs more than the rest of the head): top-down FPN merging (nearest 2x upsampling + sum, a 3x3 conv per level), every
-  level upsampled to the finest and concatenated, a 1x1 conv + LayerNorm + GELU, a 1x1 classifier,
-  bilinear upsampling to the image.
+  ConvMAE's native one; levels finer than `min_stride`, 2 by default, are left out: a patch-4 ViT's
+  stride-1 level costs more than the rest of the head): top-down FPN merging (nearest 2x upsampling + sum,
+  a 3x3 conv per level), every level upsampled to the finest and concatenated, a 1x1 conv + LayerNorm +
+  GELU, a 1x1 classifier, bilinear upsampling to the image.
 
-With several learning rates (`lrs`), one head per lr trains on the training images minus a held-out tenth and
-the best on that tenth is reported (as mimkit's linear probe chooses its lr). With a frozen encoder
-(`tune_blocks=0`) its maps are computed once (stored in float16) and the head trains
-on them; with `tune_blocks=k` the parameters of the last k blocks and the final norm (the encoder's
-`layer_id` > depth - k) train too, at `encoder_lr`, and the encoder runs at every step.
+With several learning rates (`lrs`), one head per lr trains on the training images minus a held-out share
+(`val_fraction`) and the best on that share is reported (as mimkit's linear probe chooses its lr). With a
+frozen encoder (`tune_blocks=0`) its maps are computed once (stored in float16) and the heads train on them;
+with `tune_blocks=k` the parameters of the last k blocks and the final norm (the encoder's `layer_id` >
+depth - k) train too, at `encoder_lr`, and the encoder runs at every step.
 Metrics: confusion matrix over every labelled test pixel (255 = ignore); IoU_c = TP / (TP + FP + FN),
 mIoU = the mean over classes present in the ground truth or the predictions; pixel accuracy = TP / pixels.
 """
