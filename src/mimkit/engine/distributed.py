@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,15 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def all_finite(tensors: Iterable[torch.Tensor], info: DistInfo) -> bool:
+    """Whether every tensor on every process is finite (one host sync). Sharded tensors (FSDP's DTensor)
+    are checked locally, an empty shard counts as finite."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    flags = [~torch.isfinite(t).all() for t in local if t.numel()]
+    bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=info.device)
+    return all_reduce_max(bad, info).item() == 0
 
 
 def barrier(info: DistInfo) -> None:

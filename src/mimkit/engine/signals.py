@@ -9,6 +9,10 @@ import threading
 import time
 from typing import Any
 
+import torch
+
+from .distributed import DistInfo, all_reduce_max
+
 __all__ = ["StopSignals"]
 
 
@@ -40,6 +44,12 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def agreed(self, info: DistInfo) -> int:
+        """The stop signal any process received (0: none); a collective, so every process gets the same
+        answer after the same step."""
+        received = torch.tensor(float(self.signum or 0), device=info.device)
+        return int(all_reduce_max(received, info).item()) if info.enabled else (self.signum or 0)
 
     def _say(self, text: str) -> None:
         if self.verbose:  # os.write: print() is not safe inside a signal handler

@@ -38,7 +38,7 @@ from .checkpoint import (
     training_weights,
 )
 from .config import Config, save_config
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_finite, all_reduce_mean, barrier, cleanup, init_distributed
 from .logger import TrainingLog
 from .online_probe import build_online_probe
 from .optim import cosine_lr, param_groups
@@ -191,7 +191,7 @@ class Trainer:
         written from finite weights, stays. A failed write (disk full, read-only) keeps it too (OutputError).
         """
         path = self.out_dir / name
-        if not self._weights_finite():
+        if not all_finite(self.model.parameters(), self.dist):
             raise NonFiniteLossError(
                 f"the weights hold NaN or infinite values at step {self.step}; {path.name} was not written "
                 f"({self._kept_checkpoint()}); {LIKELY_CAUSES}"
@@ -200,14 +200,11 @@ class Trainer:
         if self.dist.is_main:
             try:
                 atomic_save(state, path)
-                if (
-                    export
-                ):  # the encoder alone, as `mimkit export --format safetensors --encoder-only` writes it
+                if export:  # the encoder alone, as `mimkit export --format safetensors --encoder-only`
                     from ..interop.export import export_encoder
 
-                    export_encoder(
-                        state, self.out_dir / "encoder.safetensors", getattr(self.model, "method", None)
-                    )
+                    method = getattr(self.model, "method", None)
+                    export_encoder(state, self.out_dir / "encoder.safetensors", method)
             except OSError as err:
                 kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
                 raise OutputError(
@@ -218,13 +215,6 @@ class Trainer:
             self.last_saved_step = self.step
         barrier(self.dist)
         return path
-
-    def _weights_finite(self) -> bool:
-        """Whether every parameter on every process is finite (one host sync; shards checked locally)."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        flags = [~torch.isfinite(t).all() for t in local if t.numel()]  # a shard may be empty
-        bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=self.dist.device)
-        return all_reduce_max(bad, self.dist).item() == 0
 
     def _kept_checkpoint(self) -> str:
         if self.last_saved_step is None:
@@ -331,7 +321,8 @@ class Trainer:
                     keep = cfg.train.keep_every_epochs
                     if keep and self.micro_done % (keep * self.micro_per_epoch) < cfg.optim.accum_steps:
                         self.save(f"checkpoint-epoch{self.micro_done // self.micro_per_epoch:04d}.pt")
-                    if self.step < self.total_steps and self._stop_requested(signals):
+                    if self.step < self.total_steps and (signum := signals.agreed(self.dist)):
+                        self.stopped_by = signum  # every process saw it: all stop after this same step
                         break
                 if self.stopped_by is not None:
                     if self.last_saved_step != self.step:
@@ -354,14 +345,6 @@ class Trainer:
                 )
         barrier(self.dist)
         return stats
-
-    def _stop_requested(self, signals: StopSignals) -> bool:
-        """Whether any process received a stop signal; every process agrees, so all stop at the same step."""
-        received = torch.tensor(float(signals.signum or 0), device=self.dist.device)
-        signum = int(all_reduce_max(received, self.dist).item()) if self.dist.enabled else signals.signum
-        if signum:
-            self.stopped_by = signum
-        return bool(signum)
 
     def _log(self, msg: str) -> None:
         if self.dist.is_main:
