@@ -123,6 +123,24 @@ def test_vit_intermediates_are_its_blocks():
     torch.testing.assert_close(final, reference_final, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch4_32", "convmae_tiny_patch8_64"])
+def test_encoders_drop_into_timms_feature_wrapper(name):
+    """timm's own `features_only` wrapper for forward_intermediates models takes a mimkit encoder as it is."""
+    from timm.models._features import FeatureGetterNet
+
+    enc = _encoder(name, img_size=(32, 48) if name.startswith("mae") else (48, 64))
+    net = FeatureGetterNet(enc, out_indices=3, norm=True).eval()
+    images = torch.randn(2, 3, *((32, 48) if name.startswith("mae") else (48, 64)))
+    with torch.no_grad():
+        feats = net(images)
+    info = net.feature_info
+    assert len(feats) == 3
+    for f, chs, red in zip(feats, info.channels(), info.reduction(), strict=True):
+        assert f.shape == (2, chs, images.shape[2] // red, images.shape[3] // red)
+    with torch.no_grad():
+        torch.testing.assert_close(feats[-1], enc.forward_intermediates(images, indices=1, norm=True)[1][0])
+
+
 def test_intermediate_indices_are_checked():
     enc = _encoder("mae_vit_tiny_patch4_32")
     images = torch.randn(1, 3, 32, 32)
