@@ -86,7 +86,11 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
         # budget from the steps since the last fit: one short calibration misjudged a run by up to 2x when
         # the machine's load changed.
         losses = [trainer.train_step(batches)["loss"]]
-        for fraction in (0.03, 0.25, 0.5, 0.75):
+        if args.steps:  # a fixed step count (e.g. to match an earlier run): no budget fitting
+            budget = float("inf")
+            total = trainer.total_steps = args.steps
+            trainer.warmup_steps = max(1, total // 20)
+        for fraction in (0.03, 0.25, 0.5, 0.75) if not args.steps else ():
             t0, s0 = clock(), trainer.step
             while trainer.step - s0 < 3 or clock() - start < fraction * budget:
                 losses.append(trainer.train_step(batches)["loss"])
@@ -237,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--minutes", type=float, default=20.0, help="pretraining budget per method, in --clock minutes"
+    )
+    p.add_argument(
+        "--steps", type=int, default=0, help="pretrain exactly this many steps instead of fitting --minutes"
     )
     p.add_argument(
         "--clock",
