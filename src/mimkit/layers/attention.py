@@ -24,6 +24,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool = True
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def check_heads_and_bias(dim: int, num_heads: int, qkv_bias: bool | str) -> None:
+    if dim % num_heads:
+        raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+    if qkv_bias not in (True, False, "qv"):
+        raise ValueError(f"qkv_bias must be True, False or 'qv', got {qkv_bias!r}")
+
+
 class Attention(nn.Module):
     """Self-attention over [B, N, D] with one fused qkv projection (timm names: `qkv`, `proj`).
 
@@ -33,10 +40,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        if qkv_bias not in (True, False, "qv"):
-            raise ValueError(f"qkv_bias must be True, False or 'qv', got {qkv_bias!r}")
+        check_heads_and_bias(dim, num_heads, qkv_bias)
         self.num_heads = num_heads
         self.fused = True
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)

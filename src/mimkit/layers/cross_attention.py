@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attend
+from .attention import attend, check_heads_and_bias
 from .drop_path import DropPath
 from .mlp import LayerScale, Mlp
 
@@ -19,10 +19,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool | str = "qv"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        if qkv_bias not in (True, False, "qv"):
-            raise ValueError(f"qkv_bias must be True, False or 'qv', got {qkv_bias!r}")
+        check_heads_and_bias(dim, num_heads, qkv_bias)
         self.num_heads = num_heads
         self.fused = True
         self.q = nn.Linear(dim, dim, bias=bool(qkv_bias))
