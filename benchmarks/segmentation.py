@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=15, help="head training epochs")
     p.add_argument("--channels", type=int, default=32, help="pyramid / FPN width")
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
-    p.add_argument("--linear-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
+    p.add_argument("--linear-lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1],
                    help="linear head lrs, the best on a held-out tenth of the training canvases kept")  # fmt: skip
     p.add_argument("--fpn-lrs", type=float, nargs="+", default=[3e-3], help="FPN head lrs (as --linear-lrs)")
     p.add_argument("--batch-size", type=int, default=None, help="pretraining batch (default: the recipe's)")
