@@ -316,8 +316,9 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(tm
 
 def test_a_second_signal_exits_at_once(tmp_path):
     out = tmp_path / "run"
-    proc = _start_child(tmp_path, 4.0, f"train.output_dir={out}", "train.max_steps=50")
-    _wait_for_rows(out / "metrics.jsonl", 1, proc)  # inside the 4 s sleep of step 2
+    # 8 s steps: on a loaded machine both signals still land inside step 2's sleep, before the checkpoint
+    proc = _start_child(tmp_path, 8.0, f"train.output_dir={out}", "train.max_steps=50")
+    _wait_for_rows(out / "metrics.jsonl", 1, proc)  # inside the 8 s sleep of step 2
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.2)  # later than a launcher's forwarded copy of the first (taken as the same request)
     start = time.monotonic()
