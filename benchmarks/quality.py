@@ -86,11 +86,11 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
         # budget from the steps since the last fit: one short calibration misjudged a run by up to 2x when
         # the machine's load changed.
         losses = [trainer.train_step(batches)["loss"]]
-        if args.steps:  # a fixed step count (e.g. to match an earlier run): no budget fitting
+        if getattr(args, "steps", 0):  # a fixed step count (e.g. to match an earlier run): no budget fitting
             budget = float("inf")
             total = trainer.total_steps = args.steps
             trainer.warmup_steps = max(1, total // 20)
-        for fraction in (0.03, 0.25, 0.5, 0.75) if not args.steps else ():
+        for fraction in (0.03, 0.25, 0.5, 0.75) if not getattr(args, "steps", 0) else ():
             t0, s0 = clock(), trainer.step
             while trainer.step - s0 < 3 or clock() - start < fraction * budget:
                 losses.append(trainer.train_step(batches)["loss"])
