@@ -125,6 +125,36 @@ def test_regressor_reads_but_never_updates_visible_latents_and_ignores_the_class
     assert torch.equal(model.forward_regressor(other_cls, mask), z_m)
 
 
+def test_without_alignment_the_second_encoder_pass_is_skipped():
+    """align_weight=0 (ablation): no loss_align and the encoder runs once per step, not twice."""
+    model = tiny(in_chans=1, align_weight=0.0)
+    calls, encode = [], model.encoder.forward_features
+    model.encoder.forward_features = lambda *args: calls.append(1) or encode(*args)
+    out = model(torch.randn(2, 1, 32, 32))
+    assert "loss_align" not in out.metrics and len(calls) == 1
+    assert torch.equal(out.loss, out.metrics["loss_decode"])
+
+
+def test_without_regressor_the_decoder_reads_the_visible_latents():
+    """use_regressor=False (the paper's "w/o regressor" ablation): no regressor parameters, predictions for
+    the masked patches only, and they do depend on the visible latents (the converse of the design test)."""
+    with pytest.raises(ValueError, match="align_weight=0"):
+        tiny(use_regressor=False)
+    torch.manual_seed(0)
+    model = tiny(in_chans=1, use_regressor=False, align_weight=0.0).eval()
+    assert not any(name.startswith("regressor") for name, _ in model.named_parameters())
+    x = torch.randn(2, 1, 32, 32)
+    out = model(x)
+    assert set(out.metrics) == {"loss_decode"} and (out.pred[~out.mask] == 0).all()
+    latent = model.forward_encoder(x, out.mask)
+    a = model.forward_decoder_without_regressor(latent, out.mask)
+    poked = latent.clone()
+    poked[:, 1:] += 1.0
+    b = model.forward_decoder_without_regressor(poked, out.mask)
+    assert a.shape == (2, 32, 16) and not torch.allclose(a, b)
+    out.loss.backward()
+
+
 def test_stochastic_depth_rises_linearly_in_encoder_regressor_and_decoder():
     model = tiny(drop_path_rate=0.3, depth=4, regressor_depth=3, decoder_depth=2)
     rates = lambda blocks: [getattr(b.drop_path, "p", 0.0) for b in blocks]  # noqa: E731

@@ -219,8 +219,11 @@ class ConvViT(nn.Module):
     s1*s2) and every ViT block ("blocks3.i", D, P); `forward_intermediates` picks among them by position.
 
     skip_masked: run masked batches on visible cells only in stages 1-2 (exact, faster; see module doc).
-    masked_conv: multiply depthwise-conv inputs by the visible mask. Always True in use; False exists only
-    to show the leak test can fail (it forces the dense path, since the visible-only path cannot leak).
+    masked_conv: multiply depthwise-conv inputs by the visible mask (the paper's point). False is the leaky
+    variant for the ablation (and to show the leak test can fail): it forces the dense path, since the
+    visible-only path cannot leak.
+    multiscale_fusion: add the stage-1/2 outputs (strided convs) to the ViT output before the final norm,
+    as the paper; False drops the fusion (ablation) and the two fusion convs.
     """
 
     num_prefix_tokens = 0
@@ -239,6 +242,8 @@ class ConvViT(nn.Module):
         norm_eps: float = 1e-6,
         conv_norm_eps: float = 1e-5,
         skip_masked: bool = True,
+        masked_conv: bool = True,
+        multiscale_fusion: bool = True,
     ):
         super().__init__()
         if len(embed_dims) != 3 or len(depths) != 3 or len(strides) != 3:
@@ -250,7 +255,8 @@ class ConvViT(nn.Module):
         self.embed_dims = tuple(embed_dims)
         self.embed_dim = embed_dims[2]
         self.skip_masked = skip_masked
-        self.masked_conv = True
+        self.masked_conv = masked_conv
+        self.multiscale_fusion = multiscale_fusion
         self.grid_size = self.grid_for(self.img_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         s1, s2, s3 = self.strides
@@ -261,8 +267,9 @@ class ConvViT(nn.Module):
         self.patch_embed2 = ConvPatchEmbed(c1, c2, s2, conv_norm_eps)
         self.patch_embed3 = ConvPatchEmbed(c2, d, s3, conv_norm_eps)
         self.patch_embed4 = nn.Linear(d, d)
-        self.stage1_output_decode = nn.Conv2d(c1, d, s2 * s3, stride=s2 * s3)
-        self.stage2_output_decode = nn.Conv2d(c2, d, s3, stride=s3)
+        if multiscale_fusion:
+            self.stage1_output_decode = nn.Conv2d(c1, d, s2 * s3, stride=s2 * s3)
+            self.stage2_output_decode = nn.Conv2d(c2, d, s3, stride=s3)
         pos = sincos_2d(d, self.grid_size).unsqueeze(0)  # [1, L, D], no class token
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks1 = nn.ModuleList(
@@ -346,11 +353,12 @@ class ConvViT(nn.Module):
 
     def _stages(
         self, x: torch.Tensor, mix1: SpatialMix, mix2: SpatialMix
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stages 1-3 up to patch_embed4 on a channel-last layout; x [..., h, w, Cin] pixels.
 
         Returns stage-1 and stage-2 outputs ([..., h/s1, w/s1, C1], [..., h/(s1 s2), w/(s1 s2), C2]), the
-        stage-3 tokens and the two fusion terms, each [..., h/P, w/P, D].
+        stage-3 tokens and the multi-scale fusion term (sum of both strided convs), each [..., h/P, w/P, D];
+        the fusion term is None without multiscale_fusion.
         """
         s1, s2, s3 = self.strides
         x1 = self.patch_embed1(space_to_depth(x, s1))
@@ -360,15 +368,21 @@ class ConvViT(nn.Module):
         for blk in self.blocks2:
             x2 = blk(x2, mix2)
         x3 = self.patch_embed4(self.patch_embed3(space_to_depth(x2, s3)))
+        if not self.multiscale_fusion:
+            return x1, x2, x3, None
         fuse1 = conv_as_linear(self.stage1_output_decode, space_to_depth(x1, s2 * s3))
         fuse2 = conv_as_linear(self.stage2_output_decode, space_to_depth(x2, s3))
-        return x1, x2, x3, fuse1, fuse2
+        return x1, x2, x3, fuse1 + fuse2
 
-    def _transformer(self, x: torch.Tensor, fuse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fused_norm(self, x: torch.Tensor, fuse: torch.Tensor | None) -> torch.Tensor:
+        """Final output of ViT tokens [B, N, D]: norm(x + fusion), or norm(x) without multi-scale fusion."""
+        return self.norm(x if fuse is None else x + fuse)
+
+    def _transformer(self, x: torch.Tensor, fuse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """ViT blocks on [B, N, D] tokens, then multi-scale fusion and the final norm -> (pre-fusion, out)."""
         for blk in self.blocks3:
             x = blk(x)
-        return x, self.norm(x + fuse)
+        return x, self._fused_norm(x, fuse)
 
     def _forward_dense(self, images: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Full maps in stages 1-2 (masked depthwise inputs when `mask` is given); the authors' computation."""
@@ -380,11 +394,13 @@ class ConvViT(nn.Module):
         if mask is not None and self.masked_conv:
             r1, r2 = self.patch_size // s1, self.patch_size // (s1 * s2)
             mix1, mix2 = _masked_depthwise(mask, grid, r1), _masked_depthwise(mask, grid, r2)
-        x1, x2, x3, fuse1, fuse2 = self._stages(images.permute(0, 2, 3, 1), mix1, mix2)
+        x1, x2, x3, fuse = self._stages(images.permute(0, 2, 3, 1), mix1, mix2)
         tokens = x3.reshape(B, -1, self.embed_dim) + self.pos_embed_for(grid).to(x3.dtype)  # [B, L, D]
-        fuse = (fuse1 + fuse2).reshape(B, -1, self.embed_dim)  # [B, L, D]
+        if fuse is not None:
+            fuse = fuse.reshape(B, -1, self.embed_dim)  # [B, L, D]
         if mask is not None:
-            tokens, fuse = gather_visible(tokens, mask), gather_visible(fuse, mask)  # [B, K, D]
+            tokens = gather_visible(tokens, mask)  # [B, K, D]
+            fuse = None if fuse is None else gather_visible(fuse, mask)
         pre, out = self._transformer(tokens, fuse)
         return {"stage1": x1, "stage2": x2, "stage3": pre, "out": out}
 
@@ -398,11 +414,11 @@ class ConvViT(nn.Module):
         )  # [B, gh, gw, P, P, C]
         pixels = pixels.reshape(B, -1, P, P, C)[~mask].reshape(B, -1, P, P, C)  # [B, K, P, P, C] visible only
         cells1, cells2 = VisibleCells(mask, grid, P // s1), VisibleCells(mask, grid, P // (s1 * s2))
-        x1, x2, x3, fuse1, fuse2 = self._stages(pixels, cells1.depthwise, cells2.depthwise)
+        x1, x2, x3, fuse = self._stages(pixels, cells1.depthwise, cells2.depthwise)
         K = pixels.shape[1]
         pos = gather_visible(self.pos_embed_for(grid).expand(B, -1, -1), mask)  # [B, K, D]
         tokens = x3.reshape(B, K, self.embed_dim) + pos.to(x3.dtype)
-        pre, out = self._transformer(tokens, (fuse1 + fuse2).reshape(B, K, self.embed_dim))
+        pre, out = self._transformer(tokens, None if fuse is None else fuse.reshape(B, K, self.embed_dim))
         return {"stage1": x1, "stage2": x2, "stage3": pre, "out": out}
 
     def forward_stages(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -455,24 +471,25 @@ class ConvViT(nn.Module):
         taken = take_indices(len(self.feature_info), indices)
         grid = self._check(x, None)
         B = x.shape[0]
-        x1, x2, x3, fuse1, fuse2 = self._stages(x.permute(0, 2, 3, 1), depthwise_nhwc, depthwise_nhwc)
+        x1, x2, x3, fuse = self._stages(x.permute(0, 2, 3, 1), depthwise_nhwc, depthwise_nhwc)
         features: list[torch.Tensor] = []  # [B, C, h, w] maps, NCHW
         if 0 in taken:
             features.append(x1.permute(0, 3, 1, 2).contiguous())
         if 1 in taken:
             features.append(x2.permute(0, 3, 1, 2).contiguous())
         tokens = x3.reshape(B, -1, self.embed_dim) + self.pos_embed_for(grid).to(x3.dtype)  # [B, L, D]
-        fuse = (fuse1 + fuse2).reshape(B, -1, self.embed_dim)  # [B, L, D]
+        if fuse is not None:
+            fuse = fuse.reshape(B, -1, self.embed_dim)  # [B, L, D]
         blocks = self.blocks3[: max(0, taken[-1] - 1)] if stop_early else self.blocks3
         for i, block in enumerate(blocks):
             tokens = block(tokens)
             if i + 2 in taken:
-                features.append(tokens_to_map(self.norm(tokens + fuse) if norm else tokens, grid))
+                features.append(tokens_to_map(self._fused_norm(tokens, fuse) if norm else tokens, grid))
         if output_fmt == "NLC":
             features = [f.flatten(2).transpose(1, 2) for f in features]  # [B, h*w, C]
         if intermediates_only:
             return features
-        return self.norm(tokens + fuse), features
+        return self._fused_norm(tokens, fuse), features
 
     def forward_pyramid(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature pyramid on full images for detection / segmentation heads.

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.vit import VisionTransformer, gather_visible, init_linear_and_norm
+from ..backbones.vit import VisionTransformer, gather_visible, init_linear_and_norm, scatter_visible
 from ..layers import Block, sincos_2d
 from ..layers.cross_attention import CrossAttentionBlock
 from ..masking import MaskGenerator
@@ -57,7 +57,10 @@ class CAEConfig:
     mask_kind: str = "block"  # block | random | grid
     target: str = "pixel"  # pixel (MSE, norm-pix optional) | token (cross-entropy on tokenizer ids)
     norm_pix_loss: bool = True
-    align_weight: float = 2.0
+    align_weight: float = 2.0  # 0: no alignment loss, and the alignment pass is skipped (ablation)
+    # False (ablation, the paper's "w/o regressor"): no regressor and no alignment; the decoder reads the
+    # visible latents with mask tokens in the masked positions, MAE-style. Needs align_weight=0.
+    use_regressor: bool = True
     momentum: float = 0.0  # 0: the live encoder gives the alignment target; > 0: an EMA teacher
     layer_scale_init: float | None = 0.1  # encoder (CAE-L: 1e-5)
     decoder_layer_scale_init: float | None = 0.1  # regressor and decoder (0.1 at every size, as the authors)
@@ -119,6 +122,11 @@ class CAE(nn.Module):
             raise ValueError(f"momentum must be in [0, 1), got {c.momentum}")
         if c.teacher_mode not in ("train", "eval"):
             raise ValueError(f"CAE teacher_mode must be 'train' or 'eval', got {c.teacher_mode!r}")
+        if not c.use_regressor and c.align_weight != 0:
+            raise ValueError(
+                "CAE without a regressor has no predicted latents to align: set model.align_weight=0 "
+                "with model.use_regressor=false"
+            )
         self.encoder = VisionTransformer(
             c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio,
             qkv_bias="qv", drop_path_rate=c.drop_path_rate, layer_scale_init=c.layer_scale_init,
@@ -151,9 +159,9 @@ class CAE(nn.Module):
             CrossAttentionBlock(
                 c.embed_dim, heads, c.mlp_ratio, "qv", rate, c.decoder_layer_scale_init, c.norm_eps
             )
-            for rate in _drop_path_rates(c.drop_path_rate, c.regressor_depth)
+            for rate in _drop_path_rates(c.drop_path_rate, c.regressor_depth if c.use_regressor else 0)
         )
-        self.regressor_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
+        self.regressor_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps) if c.use_regressor else nn.Identity()
 
         # Decoder over the regressor's output only (never the visible latents).
         self.decoder_blocks = nn.ModuleList(
@@ -237,6 +245,16 @@ class CAE(nn.Module):
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))
 
+    def forward_decoder_without_regressor(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Ablation (use_regressor=False): encoder output [B, 1 + V, D] -> predictions [B, M, K] of the masked
+        patches from a decoder over all L positions: visible latents, the mask token elsewhere."""
+        x = scatter_visible(latent[:, 1:], mask, self.mask_token.flatten())  # [B, L, D]
+        x = x + self.rd_pos_embed[:, 1:].to(x.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_pred(self.decoder_norm(x))  # [B, L, K]
+        return gather_visible(pred, ~mask)  # [B, M, K]
+
     @torch.no_grad()
     def alignment_target(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """sg(encoder output on the masked patches alone) [B, M, D], class token dropped.
@@ -310,13 +328,20 @@ class CAE(nn.Module):
             mask = self.mask_generator(images.shape[0])
         mask = mask.to(images.device)
         latent = self.forward_encoder(images, mask)  # [B, 1 + V, D]
-        latent_m = self.forward_regressor(latent, mask)  # [B, M, D]
-        target_latent = self.alignment_target(images, mask)  # [B, M, D], no grad
-        pred_m = self.forward_decoder(latent_m, mask)  # [B, M, K]
-        loss_decode, extra = self.forward_loss(images, pred_m, mask, target_ids)
-        loss_align = F.mse_loss(latent_m.float(), target_latent.float())
-        loss = loss_decode + self.config.align_weight * loss_align
-        metrics = {"loss_decode": loss_decode.detach(), "loss_align": loss_align.detach(), **extra}
+        target_latent = latent_m = None
+        if self.config.use_regressor:
+            latent_m = self.forward_regressor(latent, mask)  # [B, M, D]
+            if self.config.align_weight != 0:  # at 0 (ablation) the alignment pass is skipped altogether
+                target_latent = self.alignment_target(images, mask)  # [B, M, D], no grad
+            pred_m = self.forward_decoder(latent_m, mask)  # [B, M, K]
+        else:  # ablation: MAE-style decoder on the encoder's latents
+            pred_m = self.forward_decoder_without_regressor(latent, mask)  # [B, M, K]
+        loss, extra = self.forward_loss(images, pred_m, mask, target_ids)
+        metrics = {"loss_decode": loss.detach(), **extra}
+        if latent_m is not None and target_latent is not None:
+            loss_align = F.mse_loss(latent_m.float(), target_latent.float())
+            loss = loss + self.config.align_weight * loss_align
+            metrics["loss_align"] = loss_align.detach()
         pred = self._full_pred(pred_m, mask)
         return MIMOutput(loss=loss, pred=pred, mask=mask, metrics=metrics, features=latent[:, 0])
 

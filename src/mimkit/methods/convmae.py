@@ -60,6 +60,8 @@ class ConvMAEConfig:
     norm_eps: float = 1e-6  # ViT blocks and final norms
     conv_norm_eps: float = 1e-5  # patch embeddings and conv blocks (nn.LayerNorm default, as the authors)
     skip_masked: bool = True  # stages 1-2 on visible cells only (exact; faster)
+    masked_conv: bool = True  # False: the leaky variant (depthwise convs see masked pixels), for the ablation
+    multiscale_fusion: bool = True  # False: no stage-1/2 fusion into the encoder output, for the ablation
 
     @property
     def patch_size(self) -> int:
@@ -79,7 +81,7 @@ class ConvMAE(nn.Module):
         self.config = c = config
         self.encoder = ConvViT(
             c.img_size, c.in_chans, c.embed_dims, c.depths, c.strides, c.num_heads, c.mlp_ratio, c.dw_kernel,
-            c.drop_path_rate, c.norm_eps, c.conv_norm_eps, c.skip_masked,
+            c.drop_path_rate, c.norm_eps, c.conv_norm_eps, c.skip_masked, c.masked_conv, c.multiscale_fusion,
         )  # fmt: skip
         self.patch_size = self.encoder.patch_size
         self.grid_size = self.encoder.grid_size
