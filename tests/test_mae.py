@@ -83,7 +83,7 @@ def test_loss_ignores_visible_patches(norm_pix: bool):
     mask = model.mask_generator(2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         pred = model(images, mask=mask).pred
-        loss = model.forward_loss(images, pred, mask)
+        loss = model.forward_loss(images, pred, mask).loss
         grid = model.grid_size
 
         def edit_patch(index: int) -> torch.Tensor:
@@ -95,8 +95,8 @@ def test_loss_ignores_visible_patches(norm_pix: bool):
         visible = int((~mask[0]).nonzero()[0])
         masked = int(mask[0].nonzero()[0])
         # Only the target changes (same predictions): visible patches do not count, masked ones do.
-        assert torch.equal(model.forward_loss(edit_patch(visible), pred, mask), loss)
-        assert not torch.equal(model.forward_loss(edit_patch(masked), pred, mask), loss)
+        assert torch.equal(model.forward_loss(edit_patch(visible), pred, mask).loss, loss)
+        assert not torch.equal(model.forward_loss(edit_patch(masked), pred, mask).loss, loss)
 
 
 def test_masked_mse_is_mean_over_masked_patches_of_per_patch_mse():

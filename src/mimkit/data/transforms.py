@@ -7,6 +7,7 @@ randomness comes from torch's global RNG, which MIMDataset seeds per sample.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ def eval_transform(
     """
     size = to_2tuple(img_size)
     if crop_pct is None:
-        crop_pct = 0.875 if in_chans == 3 and min(size) >= 64 else 1.0
+        crop_pct = default_crop_pct(size, in_chans)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     mean = mean if mean is not None else (0.5,) * in_chans
@@ -142,3 +143,31 @@ def eval_transform(
     return T.Compose(
         [ConvertMode(in_chans), ResizeCover(cover), T.CenterCrop(size), _to_tensor(in_chans, mean, std)]
     )
+
+
+def default_crop_pct(img_size: Any, in_chans: int) -> float:
+    """The centre-crop fraction `eval_transform` uses by default."""
+    size = to_2tuple(img_size)
+    return 0.875 if in_chans == 3 and min(size) >= 64 else 1.0
+
+
+def preprocessing(model_config: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an image must go through before the encoder, as the model was trained and evaluated:
+    {"input_size": [C, H, W], "mean", "std", "interpolation": "bicubic", "crop_pct", "crop_mode": "center"}.
+
+    `data` is the `data` section of the training config (source, mean, std); without it, the usual
+    statistics for the channel count are assumed (ImageNet's for RGB).
+    """
+    data = data or {}
+    in_chans = int(model_config.get("in_chans", 3))
+    h, w = to_2tuple(model_config.get("img_size", 224))
+    mean, std = default_mean_std(data.get("source") or "folder", in_chans)
+    return {
+        "input_size": [in_chans, int(h), int(w)],
+        "mean": [float(v) for v in (data.get("mean") or mean)],
+        "std": [float(v) for v in (data.get("std") or std)],
+        "interpolation": "bicubic",
+        "crop_pct": default_crop_pct((h, w), in_chans),
+        "crop_mode": "center",
+        "data_source": data.get("source"),
+    }

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import OutputError
+from ..data.transforms import preprocessing
+from ..errors import ConfigError, OutputError
 
 FORMAT = "mimkit/1"
 
@@ -64,30 +65,69 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def training_weights(
-    model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model state dict, optimizer state dict) in a single-process layout. `sharded` (FSDP): gathered on
-    rank 0, a collective every rank calls (the others get empty dicts)."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from .fsdp import full_model_state_dict, full_optimizer_state_dict
-
-    return full_model_state_dict(model), full_optimizer_state_dict(model, optimizer)
+# The training state in a single-process layout, for plain and FSDP-sharded modules alike, through
+# torch.distributed.checkpoint.state_dict: full tensors, on CPU, gathered on rank 0 (other ranks get empty
+# dicts); under FSDP every rank must take part. The optimizer state keeps `optimizer.state_dict()`'s integer
+# ids (in param-group order), so a checkpoint moves between plain, DDP and FSDP runs.
 
 
-def load_training_weights(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any], sharded: bool = False
+def _full(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def optimizer_state(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` layout of an optimizer over the parameters of `modules`, gathered."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not optimizer.state:  # before the first step (get_optimizer_state_dict would step it to create state)
+        return optimizer.state_dict()
+    named = get_optimizer_state_dict(nn.ModuleDict(modules), optimizer, options=_full(cpu_offload=True))
+    if not named:  # a rank other than 0
+        return {}
+    ids = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
+    return {
+        "state": {ids[name]: entry for name, entry in named["state"].items()},
+        "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
+
+
+def load_optimizer_state(
+    modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load a checkpoint's "model" and "optimizer" (single-process layout) into a plain or sharded model."""
-    if not sharded:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return
-    from .fsdp import load_full_model_state_dict, load_full_optimizer_state_dict
+    """Load an `optimizer_state` (or any `optimizer.state_dict()` built the same way) on every rank."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    load_full_model_state_dict(model, ckpt["model"])
-    load_full_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
+    holder = nn.ModuleDict(modules)
+    name_of = {id(p): name for name, p in holder.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    named = {
+        "state": {names[int(i)]: _cloned(entry) for i, entry in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(holder, optimizer, named, options=_full())
+
+
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full `model.state_dict()` on CPU (gathered on rank 0 under FSDP; other ranks get {})."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full(cpu_offload=True))
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load a full state dict into a plain or sharded model; every rank passes it."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, weights, options=_full(strict=strict))
+
+
+def _cloned(entry: dict[str, Any]) -> dict[str, Any]:
+    """Never share a tensor (e.g. AdamW's `step`, updated in place) with the optimizer the state came from."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
 
 
 def prepare_output_dir(out: Path) -> list[Path]:
@@ -128,6 +168,27 @@ def resume_differences(
             pairs = [p for p in pairs if p[0] not in ("processes", "optim.accum_steps")]
     plain = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  tuples == lists
     return [f"{k} (checkpoint {plain(a)}, now {plain(b)})" for k, a, b in pairs if plain(a) != plain(b)]
+
+
+def check_resume(
+    ckpt: dict[str, Any], path: Path, config: dict[str, Any], world_size: int, model_config: dict[str, Any]
+) -> list[str]:
+    """ConfigError unless the run `config` (the resolved config as a dict) may resume from `ckpt` (read from
+    `path`): the same model preset, and the same batches and masks unless `train.resume_force`; returns the
+    differences that `resume_force` lets pass."""
+    wanted = config["model"]["name"]
+    if ckpt.get("model_name") != wanted:
+        raise ConfigError(
+            f"cannot resume: {path} holds {ckpt.get('model_name')!r}, the config asks for {wanted!r}"
+        )
+    differences = resume_differences(ckpt, config, world_size, model_config)
+    if differences and not config["train"]["resume_force"]:
+        raise ConfigError(
+            f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(differences)}; "
+            "the batches and masks would not be those of an uninterrupted run. Use the checkpoint's values, "
+            "or add --force-resume (train.resume_force=true) to continue anyway"
+        )
+    return differences
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -187,3 +248,48 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def save_encoder(checkpoint: dict[str, Any], out: str | os.PathLike, method: str | None = None) -> Path:
+    """A training checkpoint's encoder as `<out>.safetensors` (timm key names), without building the model.
+    (Here, not in interop/, because the trainer writes it; `interop.export` re-exports it as export_encoder.)
+
+    The trainer's `encoder.safetensors`: the same tensors and metadata as
+    `export_safetensors(checkpoint, out, encoder_only=True)` (no JSON beside it), so `mimkit.load` and
+    every command read it the same way. `method` is the model's `method` ("mae", ...), as that export records.
+    """
+    prefix = "encoder."
+    sd = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in checkpoint["model"].items()
+          if k.startswith(prefix)}  # fmt: skip
+    config = checkpoint["model_config"]
+    data = (checkpoint.get("config") or {}).get("data") or None
+    meta = {
+        "format": "mimkit/1",
+        "model_name": checkpoint["model_name"],
+        "method": method,
+        "model_config": config,
+        "contents": "encoder",
+        "preprocessing": preprocessing(config, data),
+    }
+    return save_safetensors(sd, meta, out, sidecar=False)
+
+
+def save_safetensors(
+    sd: dict[str, torch.Tensor], meta: dict[str, Any], out: str | os.PathLike, sidecar: bool = True
+) -> Path:
+    """`<out>.safetensors` with `meta` in its metadata (written whole, then renamed) and, with `sidecar`,
+    the same JSON in `<out>.json`."""
+    from safetensors.torch import save_file
+
+    meta = json.loads(json.dumps(meta, default=list))  # tuples -> lists, as the JSON file will read back
+    path = Path(out).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never half a file under the real name
+    try:
+        save_file(sd, str(tmp), metadata={"format": "pt", "mimkit": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if sidecar:
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path

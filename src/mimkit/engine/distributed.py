@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +57,22 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+@functools.cache
+def _host_group(world: object) -> dist.ProcessGroup | None:
+    """A gloo group over every process of `world` (the default group when it is gloo), for CPU values."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def host_max(value: float, info: DistInfo) -> float:
+    """The largest of a Python number over all processes, exchanged on the CPU: it never waits for the
+    device (a CUDA all-reduce read back with .item() would wait for every queued kernel)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group(dist.group.WORLD))
+    return float(t.item())
 
 
 def all_finite(tensors: Iterable[torch.Tensor], info: DistInfo) -> bool:

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block
 from ..layers.cross_attention import CrossAttentionBlock
+from .checkpoint import load_model_weights, load_optimizer_state, model_weights, optimizer_state
 
 
 def _block_types() -> tuple[type[nn.Module], ...]:
@@ -107,81 +108,28 @@ def shard_model(
     return model
 
 
-def _options(**kw: Any):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gather the full (unsharded) state dict on rank 0 as CPU tensors; other ranks get {}. Collective."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_options(cpu_offload=True))
+    return model_weights(model)
 
 
 def load_full_model_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
 ) -> None:
     """Load a full (single-process layout) state dict into a sharded model; every rank passes it."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(model, state_dict, options=_options(strict=strict))
-
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's order (its integer ids)."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in name_of:
-                raise ValueError(
-                    "the optimizer holds a parameter that is not part of the sharded model (e.g. an online "
-                    "probe); give such parameters their own optimizer, or train without FSDP"
-                )
-            names.append(name_of[id(p)])
-    return names
+    load_model_weights(model, state_dict, strict)
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Gather the optimizer state as a plain `optimizer.state_dict()` (integer ids) on rank 0. Collective."""
-    from torch.distributed.tensor import DTensor
-
-    _param_names(model, optimizer)  # checks that every parameter belongs to the model
-    main = dist.get_rank() == 0
-    plain = optimizer.state_dict()  # integer ids in param-group order; sharded tensors stay DTensors
-    state: dict[int, dict[str, Any]] = {}
-    for pid in sorted(plain["state"]):
-        entry = {}
-        for key, value in plain["state"][pid].items():
-            if isinstance(value, DTensor):
-                value = value.full_tensor()  # collective: every rank walks the same ids in the same order
-            entry[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-        state[pid] = entry
-    return {"state": state, "param_groups": plain["param_groups"]} if main else {}
+    return optimizer_state({"model": model}, optimizer)
 
 
 def load_full_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
 ) -> None:
     """Load a plain `optimizer.state_dict()` (from any run) into the optimizer of a sharded model."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    _param_names(model, optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {}
-    for pid, entry in state_dict["state"].items():
-        p = params[int(pid)]
-        new = {}
-        for key, value in entry.items():
-            if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape:
-                value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
-            elif isinstance(value, torch.Tensor):
-                value = value.clone()  # never share a tensor (e.g. `step`) with the source optimizer
-            new[key] = value
-        state[pid] = new
-    optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+    load_optimizer_state({"model": model}, optimizer, state_dict)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -6,10 +6,38 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricLogger", "TrainingLog", "progress_bar"]
+import torch
+
+__all__ = ["MetricLogger", "StepMetrics", "TrainingLog", "progress_bar"]
+
+
+class StepMetrics(Mapping[str, float]):
+    """One optimizer step's metrics, left on the device: nothing waits for the accelerator until a value is
+    read (`stats["loss"]`, `dict(stats)`); the first read brings every value back in one transfer."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], **numbers: float):
+        self.tensors, self.numbers = tensors, numbers
+        self._values: dict[str, float] | None = None
+
+    def read(self) -> dict[str, float]:
+        if self._values is None:
+            keys = sorted(self.tensors)
+            values = torch.stack([self.tensors[k].float() for k in keys]).tolist() if keys else []
+            self._values = {**dict(zip(keys, values)), **self.numbers}
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self.read()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*sorted(self.tensors), *self.numbers])
+
+    def __len__(self) -> int:
+        return len(self.tensors) + len(self.numbers)
 
 
 class MetricLogger:
@@ -36,8 +64,8 @@ class MetricLogger:
             except ImportError:
                 self.tb = None
 
-    def log(self, step: int, stats: dict[str, float]) -> None:
-        if not self.enabled:
+    def log(self, step: int, stats: Mapping[str, float]) -> None:
+        if self.file is None:
             return
         self.file.write(json.dumps({"step": step, **stats, "time": time.time()}) + "\n")
         self.file.flush()
@@ -93,10 +121,12 @@ class TrainingLog:
         self.flops_per_image, self.ceiling = flops_per_image, ceiling
         self.window_start, self.window_images = time.perf_counter(), 0
 
-    def step(self, step: int, stats: dict[str, float], write: bool, epoch: float) -> None:
-        """Count this step's images; with `write`, add the throughput keys to `stats` (in place) and log it."""
+    def step(self, step: int, stats: Mapping[str, float], write: bool, epoch: float) -> None:
+        """Count this step's images; with `write`, read `stats` (waiting for the device) and log them with
+        the throughput keys."""
         self.window_images += self.images_per_step
         if write:
+            stats = dict(stats)
             stats["img_per_sec"] = self.window_images / (time.perf_counter() - self.window_start)
             stats["mfu"] = stats["img_per_sec"] / self.world_size * self.flops_per_image / self.ceiling
             stats["epoch"] = epoch

@@ -42,10 +42,13 @@ class OnlineProbe(nn.Module):
         if self.training and x.shape[0] < 2:
             raise ValueError("OnlineProbe needs at least 2 samples per batch (BatchNorm statistics)")
         logits = self.head(self.bn(x))  # [B, C]
-        if not bool(known.any()):
-            return logits.sum() * 0.0, torch.tensor(float("nan"), device=x.device)
-        loss = F.cross_entropy(logits[known], labels[known])
-        accuracy = (logits[known].argmax(-1) == labels[known]).float().mean().detach()
+        # Masked means instead of indexing by `known`: no host-device sync in the training step.
+        weight = known.float()
+        count = weight.sum()
+        losses = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")  # [B]
+        loss = (losses * weight).sum() / count.clamp_min(1.0)  # 0 when nothing is labelled
+        hits = (logits.argmax(-1) == labels).float()
+        accuracy = ((hits * weight).sum() / count).detach()  # NaN when nothing is labelled
         return loss, accuracy
 
 

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
+from ..layers.patch_embed import to_2tuple
+from ..methods.mae import mae_flops_per_image  # the analytic count lives with its method
+from ..protocols import CountsFlops
+
 __all__ = [
     "mae_flops_per_image",
     "count_flops_per_image",
@@ -55,46 +59,6 @@ _register_cpu_sdpa_formulas()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Analytic count for MAE
-
-
-def _transformer_fwd_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> int:
-    """Forward matmul FLOPs of `depth` pre-norm blocks on `tokens` tokens of width `dim` (one image)."""
-    hidden = int(dim * mlp_ratio)
-    linear = 2 * tokens * dim * (3 * dim + dim + 2 * hidden)  # qkv, proj, fc1, fc2
-    attention = 2 * 2 * tokens * tokens * dim  # q k^T and (scores) v, summed over heads
-    return depth * (linear + attention)
-
-
-def mae_flops_per_image(config: Any, training: bool = True) -> int:
-    """Matmul FLOPs of one MAE image: encoder on the class token + visible patches, decoder on all tokens.
-
-    `config` is an `MAEConfig` (or anything with its fields). `training=True` counts forward + backward
-    (3x forward, except the patch embedding's backward, which computes only the weight gradient).
-    """
-    from ..layers.patch_embed import to_2tuple
-
-    (h, w), (ph, pw) = to_2tuple(config.img_size), to_2tuple(config.patch_size)
-    num_patches = (h // ph) * (w // pw)
-    keep = int(num_patches * (1 - config.mask_ratio))
-    if getattr(config, "mask_kind", "random") == "grid":
-        keep = ((h // ph + 1) // 2) * ((w // pw + 1) // 2)
-    patch_dim = ph * pw * config.in_chans
-    D, Dd = config.embed_dim, config.decoder_embed_dim
-
-    patch_embed = 2 * num_patches * patch_dim * D  # the conv runs on every patch, before masking
-    rest = (
-        _transformer_fwd_flops(1 + keep, D, config.depth, config.mlp_ratio)
-        + 2 * (1 + keep) * D * Dd  # decoder_embed
-        + _transformer_fwd_flops(1 + num_patches, Dd, config.decoder_depth, config.mlp_ratio)
-        + 2 * (1 + num_patches) * Dd * patch_dim  # decoder_pred (class token included, then dropped)
-    )
-    if not training:
-        return patch_embed + rest
-    return 2 * patch_embed + 3 * rest
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Measured count for any model
 
 
@@ -102,8 +66,6 @@ def _example_images(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "img_size"):
         raise ValueError("cannot infer the input size of this model; pass `images=` explicitly")
-    from ..layers.patch_embed import to_2tuple
-
     h, w = to_2tuple(config.img_size)
     param = next(model.parameters())
     return torch.randn(batch_size, getattr(config, "in_chans", 3), h, w, device=param.device)
@@ -138,9 +100,8 @@ def model_flops_per_image(model: nn.Module, training: bool = True) -> int:
     to FlopCounterMode's); any other model is measured with `count_flops_per_image` on one image (call it
     once, at start-up: it costs about one batch-1 step).
     """
-    own_count = getattr(model, "flops_per_image", None)
-    if callable(own_count):
-        return int(own_count(training))
+    if isinstance(model, CountsFlops):
+        return int(model.flops_per_image(training))
     return count_flops_per_image(model, training=training)
 
 

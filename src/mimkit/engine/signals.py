@@ -9,9 +9,7 @@ import threading
 import time
 from typing import Any
 
-import torch
-
-from .distributed import DistInfo, all_reduce_max
+from .distributed import DistInfo, host_max
 
 __all__ = ["StopSignals"]
 
@@ -46,10 +44,9 @@ class StopSignals:
         self._previous.clear()
 
     def agreed(self, info: DistInfo) -> int:
-        """The stop signal any process received (0: none); a collective, so every process gets the same
-        answer after the same step."""
-        received = torch.tensor(float(self.signum or 0), device=info.device)
-        return int(all_reduce_max(received, info).item()) if info.enabled else (self.signum or 0)
+        """The stop signal any process received (0: none); a collective on the CPU (no device sync), so every
+        process gets the same answer after the same step."""
+        return int(host_max(float(self.signum or 0), info))
 
     def _say(self, text: str) -> None:
         if self.verbose:  # os.write: print() is not safe inside a signal handler

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import random
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +27,30 @@ from torch import nn
 
 from ..data import build_pretrain_data, micro_batches
 from ..data.checks import pretrain_warnings
-from ..errors import ConfigError, NonFiniteLossError, OutputError
+from ..errors import NonFiniteLossError, OutputError
+from ..protocols import AfterOptimizerStep, as_method
 from ..registry import create_model
 from .checkpoint import (
     atomic_save,
+    check_resume,
     load_checkpoint,
-    load_training_weights,
+    load_model_weights,
+    load_optimizer_state,
     model_state,
+    model_weights,
+    optimizer_state,
     prepare_output_dir,
-    resume_differences,
-    training_weights,
+    save_encoder,
 )
 from .config import Config, save_config
 from .distributed import DistInfo, all_finite, all_reduce_mean, barrier, cleanup, init_distributed
-from .logger import TrainingLog
+from .logger import StepMetrics, TrainingLog
 from .online_probe import build_online_probe
-from .optim import cosine_lr, param_groups
+from .optim import cosine_lr, param_groups, plan_run
 from .perf import flops_and_ceiling
 from .signals import StopSignals
 
-__all__ = ["NonFiniteLossError", "StopSignals", "Trainer", "step_seed"]
+__all__ = ["NonFiniteLossError", "StepMetrics", "StopSignals", "Trainer", "step_seed"]
 
 # Why a loss or the weights stop being finite, most likely first; every message about it ends with this.
 LIKELY_CAUSES = (
@@ -73,32 +78,20 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
         self.model = create_model(cfg.model_name, **cfg.model_overrides).to(self.dist.device)
+        self.method = as_method(self.model)
         self.train_loader, self.dataset, self.sampler = build_pretrain_data(
             cfg.data, self.model, cfg.train.seed, self.dist.rank, self.dist.world_size
         )
         self.micro_per_epoch = len(self.train_loader)
-        if self.micro_per_epoch < cfg.optim.accum_steps:
-            raise ValueError(
-                f"the dataset gives {self.micro_per_epoch} batches per process per epoch, fewer than "
-                f"optim.accum_steps={cfg.optim.accum_steps}; use a smaller data.batch_size or more data"
-            )
-        self.steps_per_epoch = self.micro_per_epoch / cfg.optim.accum_steps
-        self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.steps_per_epoch))
-        self.warmup_steps = (
-            cfg.optim.warmup_steps
-            if cfg.optim.warmup_steps is not None
-            else int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.steps_per_epoch, self.total_steps, self.warmup_steps, self.global_batch, self.peak_lr = plan_run(
+            cfg, self.micro_per_epoch, self.dist.world_size
         )
         if self.dist.is_main and cfg.data.source != "shards":
             for warning in pretrain_warnings(
-                getattr(self.dataset, "base", self.dataset), self.model.config.in_chans, cfg.data.batch_size,
+                getattr(self.dataset, "base", self.dataset), self.method.config.in_chans, cfg.data.batch_size,
                 self.dist.world_size, self.total_steps, self.warmup_steps,
             ):  # fmt: skip
                 self._log(f"warning: {warning}")
-        self.global_batch = cfg.data.batch_size * cfg.optim.accum_steps * self.dist.world_size
-        self.peak_lr = (
-            cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * self.global_batch / 256
-        )
 
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.fsdp = self.dist.enabled and cfg.train.distributed == "fsdp"
@@ -106,14 +99,18 @@ class Trainer:
             from .fsdp import shard_model
 
             shard_model(self.model, activation_checkpointing=cfg.train.activation_checkpointing)
-        self.online_probe = (
-            build_online_probe(self.dataset, self.model.encoder.embed_dim, self.dist.device)
-            if cfg.train.online_probe
-            else None
-        )
+        self.online_probe = None
+        if cfg.train.online_probe:
+            self.online_probe = build_online_probe(
+                self.dataset, self.method.encoder.embed_dim, self.dist.device
+            )
+        self.trained = {"model": self.model}  # the modules the optimizer updates, by checkpoint name
+        groups = param_groups(self.model, cfg.optim.weight_decay)
+        if self.online_probe is not None:
+            self.trained["online_probe"] = self.online_probe
+            groups += param_groups(self.online_probe, 0.0)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay)
-            + (param_groups(self.online_probe, 0.0) if self.online_probe else []),
+            groups,
             lr=self.peak_lr,
             betas=tuple(cfg.optim.betas),
             fused=not self.fsdp,  # one kernel for all parameters (about 5x faster on CPU); fp32 state
@@ -123,9 +120,6 @@ class Trainer:
         if cfg.train.resume:
             self._resume(cfg.train.resume)
         self.train_model = self._wrap(self.model)
-        self.flops_per_image, self.ceiling = flops_and_ceiling(
-            self.model, cfg.train.matmul_ceiling, cfg.train.precision, self.dist.device
-        )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DDP (kept as `self.ddp` for its no_sync: torch.compile hides it), then torch.compile."""
@@ -134,18 +128,15 @@ class Trainer:
             model = self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
             )
-        if self.cfg.train.compile:
-            model = torch.compile(model)
-        return model
+        return torch.compile(model) if self.cfg.train.compile else model  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The full training state; under FSDP a collective that gathers everything on rank 0."""
-        weights, optimizer = training_weights(self.model, self.optimizer, sharded=self.fsdp)
+        """The full training state, in a single-process layout; under FSDP a collective (rank 0 gets it)."""
         return {
-            **model_state(self.model, weights),
-            "optimizer": optimizer,
-            "online_probe": self.online_probe.state_dict() if self.online_probe else None,
+            **model_state(self.model, model_weights(self.model)),
+            "optimizer": optimizer_state(self.trained, self.optimizer),
+            "online_probe": model_weights(self.online_probe) if self.online_probe else None,
             "step": self.step,
             "micro_done": self.micro_done,
             "epoch": self.micro_done // self.micro_per_epoch,
@@ -160,24 +151,14 @@ class Trainer:
         if where == "auto" and not path.exists():
             return
         ckpt = load_checkpoint(path)
-        if ckpt.get("model_name") != self.cfg.model_name:
-            raise ConfigError(
-                f"cannot resume: {path} holds {ckpt.get('model_name')!r}, the config asks for {self.cfg.model_name!r}"
-            )
-        differences = resume_differences(
-            ckpt, self.cfg.to_dict(), self.dist.world_size, dataclasses.asdict(self.model.config)
-        )
-        if differences and not self.cfg.train.resume_force:
-            raise ConfigError(
-                f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(differences)}; "
-                "the batches and masks would not be those of an uninterrupted run. Use the checkpoint's values, "
-                "or add --force-resume (train.resume_force=true) to continue anyway"
-            )
+        model_config = dataclasses.asdict(self.method.config)
+        differences = check_resume(ckpt, path, self.cfg.to_dict(), self.dist.world_size, model_config)
         if differences:
             self._log(f"resuming despite different {', '.join(differences)} (train.resume_force)")
-        load_training_weights(self.model, self.optimizer, ckpt, sharded=self.fsdp)
+        load_model_weights(self.model, ckpt["model"])
         if self.online_probe is not None and ckpt.get("online_probe"):
             self.online_probe.load_state_dict(ckpt["online_probe"])
+        load_optimizer_state(self.trained, self.optimizer, ckpt["optimizer"])
         self.step, self.micro_done = int(ckpt["step"]), int(ckpt["micro_done"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if path.resolve() == (self.out_dir / "checkpoint.pt").resolve():
@@ -201,10 +182,7 @@ class Trainer:
             try:
                 atomic_save(state, path)
                 if export:  # the encoder alone, as `mimkit export --format safetensors --encoder-only`
-                    from ..interop.export import export_encoder
-
-                    method = getattr(self.model, "method", None)
-                    export_encoder(state, self.out_dir / "encoder.safetensors", method)
+                    save_encoder(state, self.out_dir / "encoder.safetensors", self.method.method)
             except OSError as err:
                 kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
                 raise OutputError(
@@ -222,7 +200,7 @@ class Trainer:
         return f"{self.out_dir / 'checkpoint.pt'} from step {self.last_saved_step} is the last finite one"
 
     # ---------------------------------------------------------------- loop
-    def batches(self):
+    def batches(self) -> Iterator[Any]:
         """Micro-batches forever, starting at `micro_done`; epochs advance the sampler and the augmentations.
 
         For loops of your own (a time budget, a custom schedule): `b = trainer.batches()`, then
@@ -231,90 +209,91 @@ class Trainer:
             self.train_loader, self.dataset, self.sampler, self.micro_done, self.cfg.data
         )
 
-    def _autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over `accum_steps` micro-batches; returns the step's metrics."""
+    def train_step(self, batches: Iterator[Any]) -> StepMetrics:
+        """One optimizer step over `accum_steps` micro-batches. The metrics it returns stay on the device
+        (no host-device sync here; reading one waits for the step to finish)."""
         cfg, dev = self.cfg, self.dist.device
         torch.manual_seed(step_seed(cfg.train.seed, self.step, self.dist.rank))  # drop-path etc.
         lr = cosine_lr(self.step, self.total_steps, self.peak_lr, self.warmup_steps, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        accum = cfg.optim.accum_steps
-        totals: dict[str, torch.Tensor] = {}
+        accum, totals = cfg.optim.accum_steps, {}
         for i in range(accum):
             images, mask, labels = next(batches)
             images, mask = images.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
             last = i == accum - 1
             if self.fsdp:
-                self.model.set_requires_gradient_sync(last)
-            with (
-                self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext(),
-                self._autocast(),
-            ):
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            skip_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with skip_sync, self._autocast():
                 out = self.train_model(images, mask)
-                loss = out.loss
-                metrics = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.metrics.items()}}
+                loss, metrics = out.loss, {"loss": out.loss, **out.metrics}
                 if self.online_probe is not None:
                     probe_loss, probe_acc = self.online_probe(out.features.detach(), labels.to(dev))
                     loss = loss + probe_loss
-                    metrics |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc.detach()}
+                    metrics |= {"probe_loss": probe_loss, "probe_acc": probe_acc}
             (loss / accum).backward()
             self.micro_done += 1
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v.float() / accum
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / accum
         keys = sorted(totals)
-        reduced = all_reduce_mean(torch.stack([totals[k] for k in keys]), self.dist).tolist()
-        stats = dict(zip(keys, reduced))
-        if not math.isfinite(stats["loss"]):
-            raise NonFiniteLossError(
-                f"loss is {stats['loss']} at step {self.step} (lr {lr:.3g}); stopped without writing a "
-                f"checkpoint ({self._kept_checkpoint()}); {LIKELY_CAUSES}"
-            )
+        stats = dict(zip(keys, all_reduce_mean(torch.stack([totals[k] for k in keys]), self.dist)))
         if cfg.optim.clip_grad:
-            stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad))
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            stats["grad_norm"] = (
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.model, "after_optimizer_step"):
+        if isinstance(self.model, AfterOptimizerStep):
             self.model.after_optimizer_step()
         self.step += 1
-        stats["lr"] = lr
-        return stats
+        return StepMetrics(stats, lr=lr)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def fit(self) -> dict[str, float]:
         """Train to `total_steps`, logging and checkpointing; returns the last step's metrics.
 
+        The loss is read back (a host-device sync) only every `train.log_every` steps: a loss that stops
+        being finite is reported there, and `save` refuses non-finite weights in any case.
         SIGTERM or SIGINT (Ctrl-C) stops it cleanly: the current step finishes, a checkpoint is written, the
         data-loader workers stop, `stopped_by` holds the signal number and the resume command is printed.
         A second signal exits at once (the previous checkpoint stays; a partial write is cleaned next time).
         """
         cfg = self.cfg
+        self.flops_per_image, self.ceiling = flops, ceiling = flops_and_ceiling(
+            self.model, cfg.train.matmul_ceiling, cfg.train.precision, self.dist.device
+        )
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self._log(
-            f"{cfg.model_name}: {self.num_params / 1e6:.2f}M params, "
-            f"{len(self.dataset)} images, global batch {self.global_batch}, peak lr {self.peak_lr:.3g}, "
-            f"{self.total_steps} steps ({self.steps_per_epoch:.1f}/epoch), {self.dist.world_size} process(es) on "
-            f"{self.dist.device}, {cfg.train.precision}; {self.flops_per_image / 1e9:.2f} GFLOP/image/step, "
-            f"matmul ceiling {self.ceiling / 1e9:.0f} GFLOP/s"
+            f"{cfg.model_name}: {self.num_params / 1e6:.2f}M params, {len(self.dataset)} images, global batch "
+            f"{self.global_batch}, peak lr {self.peak_lr:.3g}, {self.total_steps} steps ({self.steps_per_epoch:.1f}"
+            f"/epoch), {self.dist.world_size} process(es) on {self.dist.device}, {cfg.train.precision}; "
+            f"{flops / 1e9:.2f} GFLOP/image/step, matmul ceiling {ceiling / 1e9:.0f} GFLOP/s"
         )
         self.train_model.train()
         batches = self.batches()
         log = TrainingLog(
             self.out_dir, self.dist.is_main, self.step, self.total_steps, cfg.train.progress,
-            self.global_batch, self.dist.world_size, self.flops_per_image, self.ceiling,
+            self.global_batch, self.dist.world_size, flops, ceiling,
         )  # fmt: skip
-        stats: dict[str, float] = {}
+        stats: StepMetrics | dict[str, float] = {}
         signals = StopSignals(verbose=self.dist.is_main)
         try:
             with signals:
                 while self.step < self.total_steps:
                     stats = self.train_step(batches)
                     write = self.step % cfg.train.log_every == 0 or self.step == self.total_steps
+                    if write and not math.isfinite(stats["loss"]):
+                        raise NonFiniteLossError(
+                            f"loss is {stats['loss']} at step {self.step} (lr {stats['lr']:.3g}); stopped without "
+                            f"writing a checkpoint ({self._kept_checkpoint()}); {LIKELY_CAUSES}"
+                        )
                     log.step(self.step, stats, write, epoch=self.micro_done / self.micro_per_epoch)
                     if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
                         self.save(export=self.step == self.total_steps)
@@ -336,15 +315,13 @@ class Trainer:
         finally:
             batches.close()
             log.close()
-        if self.dist.is_main:
-            bad = getattr(self.dataset, "num_bad", 0)
-            if bad:
-                self._log(
-                    f"skipped {bad} unreadable image(s) in this process (including any over "
-                    f"data.max_image_pixels={cfg.data.max_image_pixels}); see the warnings above"
-                )
+        if self.dist.is_main and (bad := getattr(self.dataset, "num_bad", 0)):
+            self._log(
+                f"skipped {bad} unreadable image(s) in this process (including any over "
+                f"data.max_image_pixels={cfg.data.max_image_pixels}); see the warnings above"
+            )
         barrier(self.dist)
-        return stats
+        return dict(stats)
 
     def _log(self, msg: str) -> None:
         if self.dist.is_main:

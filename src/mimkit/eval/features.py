@@ -20,15 +20,18 @@ import torch
 from torch import nn
 
 from ..engine.checkpoint import atomic_save
+from ..protocols import Encoder
 
 POOLS = ("auto", "cls", "mean")
 
 
-def get_encoder(model: nn.Module) -> nn.Module:
-    """The encoder of a method model (`model.encoder`), or the model itself when it is already an encoder."""
-    if hasattr(model, "encoder") and hasattr(model.encoder, "forward_features"):
-        return model.encoder
-    if hasattr(model, "forward_features"):
+def get_encoder(model: nn.Module) -> Encoder:
+    """The encoder of a method model (`model.encoder`), or the model itself when it is already an encoder
+    (both checked against the encoder contract, `mimkit.protocols.Encoder`)."""
+    inner = model._modules.get("encoder")
+    if isinstance(inner, Encoder):
+        return inner
+    if isinstance(model, Encoder):
         return model
     raise ValueError(
         f"{type(model).__name__} is neither a mimkit method (with .encoder) nor an encoder (with "
@@ -36,10 +39,10 @@ def get_encoder(model: nn.Module) -> nn.Module:
     )
 
 
-def resolve_pool(encoder: nn.Module, pool: str) -> str:
+def resolve_pool(encoder: Encoder, pool: str) -> str:
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    prefix = getattr(encoder, "num_prefix_tokens", 0)
+    prefix = encoder.num_prefix_tokens
     if pool == "auto":
         return "cls" if prefix > 0 else "mean"
     if pool == "cls" and prefix == 0:
@@ -95,7 +98,7 @@ def extract_features(
     """
     encoder = get_encoder(encoder)
     pool = resolve_pool(encoder, pool)
-    prefix = getattr(encoder, "num_prefix_tokens", 0)
+    prefix = encoder.num_prefix_tokens
     device = torch.device(device)
     was_training = encoder.training
     encoder.eval()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.checkpoint import save_safetensors as _write_safetensors
 from ..layers.patch_embed import to_2tuple
 from .loading import Weights, build_method_model, display_name, preprocessing, read_weights
 
@@ -394,50 +395,6 @@ def export_safetensors(
         "preprocessing": _preprocessing(model, weights, img_size),
     }
     return _write_safetensors(sd, meta, out)
-
-
-def export_encoder(checkpoint: dict[str, Any], out: str | os.PathLike, method: str | None = None) -> Path:
-    """A training checkpoint's encoder as `<out>.safetensors` (timm key names), without building the model.
-
-    The trainer's `encoder.safetensors`: the same tensors and metadata as
-    `export_safetensors(checkpoint, out, encoder_only=True)` (no JSON beside it), so `mimkit.load` and
-    every command read it the same way. `method` is the model's `method` ("mae", ...), as that export records.
-    """
-    prefix = "encoder."
-    sd = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in checkpoint["model"].items()
-          if k.startswith(prefix)}  # fmt: skip
-    config = checkpoint["model_config"]
-    data = (checkpoint.get("config") or {}).get("data") or None
-    meta = {
-        "format": "mimkit/1",
-        "model_name": checkpoint["model_name"],
-        "method": method,
-        "model_config": config,
-        "contents": "encoder",
-        "preprocessing": preprocessing(config, data),
-    }
-    return _write_safetensors(sd, meta, out, sidecar=False)
-
-
-def _write_safetensors(
-    sd: dict[str, torch.Tensor], meta: dict[str, Any], out: str | os.PathLike, sidecar: bool = True
-) -> Path:
-    """`<out>.safetensors` with `meta` in its metadata (written whole, then renamed) and, with `sidecar`,
-    the same JSON in `<out>.json`."""
-    from safetensors.torch import save_file
-
-    meta = json.loads(json.dumps(meta, default=list))  # tuples -> lists, as the JSON file will read back
-    path = Path(out).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never half a file under the real name
-    try:
-        save_file(sd, str(tmp), metadata={"format": "pt", "mimkit": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if sidecar:
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    return path
 
 
 def _export_classifier(weights: Weights, out: str | os.PathLike, img_size: Any = None) -> Path:

@@ -28,6 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.transforms import default_crop_pct, preprocessing
+
+__all__ = ["CLASSIFIER_FORMAT", "Weights", "default_crop_pct", "load", "preprocessing", "read_weights"]
+
 CLASSIFIER_FORMAT = "mimkit-classifier/1"
 
 
@@ -40,37 +44,6 @@ class Weights:
     model_config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)  # training config, class names, preprocessing
-
-
-def default_crop_pct(img_size: Any, in_chans: int) -> float:
-    """The centre-crop fraction mimkit's eval transform uses (see `mimkit.data.eval_transform`)."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    return 0.875 if in_chans == 3 and min(size) >= 64 else 1.0
-
-
-def preprocessing(model_config: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What an image must go through before the encoder, as the model was trained and evaluated:
-    {"input_size": [C, H, W], "mean", "std", "interpolation": "bicubic", "crop_pct", "crop_mode": "center"}.
-
-    `data` is the `data` section of the training config (source, mean, std); without it, the usual
-    statistics for the channel count are assumed (ImageNet's for RGB).
-    """
-    from ..data import default_mean_std
-
-    data = data or {}
-    in_chans = int(model_config.get("in_chans", 3))
-    img = model_config.get("img_size", 224)
-    h, w = (img, img) if isinstance(img, int) else (int(img[0]), int(img[1]))
-    mean, std = default_mean_std(data.get("source") or "folder", in_chans)
-    return {
-        "input_size": [in_chans, h, w],
-        "mean": [float(v) for v in (data.get("mean") or mean)],
-        "std": [float(v) for v in (data.get("std") or std)],
-        "interpolation": "bicubic",
-        "crop_pct": default_crop_pct((h, w), in_chans),
-        "crop_mode": "center",
-        "data_source": data.get("source"),
-    }
 
 
 _NAMED_FIELDS = ("depth", "embed_dim", "num_heads", "depths", "embed_dims")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,8 +24,15 @@ class MIMOutput:
     features: torch.Tensor | None = None
 
 
+class LossTerms(NamedTuple):
+    """What every method's `forward_loss` returns: the scalar to minimise and detached scalars to log."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = {}  # a NamedTuple default: shared, never mutated
+
+
 def add_mae_decoder(
-    model: nn.Module, in_dim: int, config, out_dim: int, grid_size: tuple[int, int], cls_token: bool
+    model: nn.Module, in_dim: int, config: Any, out_dim: int, grid_size: tuple[int, int], cls_token: bool
 ) -> None:
     """Give `model` MAE's decoder under MAE's key names (shared by MAE and ConvMAE, whose authors use it):
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..backbones.vit import VisionTransformer, scatter_visible
+from ..layers.patch_embed import to_2tuple
 from ..masking import MaskGenerator
 from ..registry import register_model
 from ..targets import masked_mse, pixel_target
-from .base import MIMOutput, add_mae_decoder, run_mae_decoder_blocks
+from .base import LossTerms, MIMOutput, add_mae_decoder, run_mae_decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,9 @@ class MAE(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)  # [B, 1 + L, Dd]
         return run_mae_decoder_blocks(self, x)[:, 1:]  # drop the class token's output
 
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> LossTerms:
         target = pixel_target(images, self.patch_size, self.config.norm_pix_loss)  # [B, L, p*p*C]
-        return masked_mse(pred, target, mask)
+        return LossTerms(masked_mse(pred, target, mask))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         if mask is None:
@@ -71,14 +73,47 @@ class MAE(nn.Module):
         mask = mask.to(images.device)
         latent = self.forward_encoder(images, mask)  # [B, 1 + keep, D]
         pred = self.forward_decoder(latent, mask)  # [B, L, p*p*C]
-        loss = self.forward_loss(images, pred, mask)
-        return MIMOutput(loss=loss, pred=pred, mask=mask, features=latent[:, 0])
+        loss, metrics = self.forward_loss(images, pred, mask)
+        return MIMOutput(loss=loss, pred=pred, mask=mask, metrics=metrics, features=latent[:, 0])
 
     def flops_per_image(self, training: bool = True) -> int:
         """Matmul FLOPs per image of a training step (or a forward), counted exactly from the config."""
-        from ..engine.perf import mae_flops_per_image
-
         return mae_flops_per_image(self.config, training)
+
+
+def _transformer_fwd_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> int:
+    """Forward matmul FLOPs of `depth` pre-norm blocks on `tokens` tokens of width `dim` (one image)."""
+    hidden = int(dim * mlp_ratio)
+    linear = 2 * tokens * dim * (3 * dim + dim + 2 * hidden)  # qkv, proj, fc1, fc2
+    attention = 2 * 2 * tokens * tokens * dim  # q k^T and (scores) v, summed over heads
+    return depth * (linear + attention)
+
+
+def mae_flops_per_image(config: Any, training: bool = True) -> int:
+    """Matmul FLOPs of one MAE image: encoder on the class token + visible patches, decoder on all tokens.
+
+    `config` is an `MAEConfig` (or anything with its fields). `training=True` counts forward + backward
+    (3x forward, except the patch embedding's backward, which computes only the weight gradient); matmuls
+    only, 2 FLOPs per multiply-add (the convention of `engine.perf`, which checks it against FlopCounterMode).
+    """
+    (h, w), (ph, pw) = to_2tuple(config.img_size), to_2tuple(config.patch_size)
+    num_patches = (h // ph) * (w // pw)
+    keep = int(num_patches * (1 - config.mask_ratio))
+    if config.mask_kind == "grid":
+        keep = ((h // ph + 1) // 2) * ((w // pw + 1) // 2)
+    patch_dim = ph * pw * config.in_chans
+    D, Dd = config.embed_dim, config.decoder_embed_dim
+
+    patch_embed = 2 * num_patches * patch_dim * D  # the conv runs on every patch, before masking
+    rest = (
+        _transformer_fwd_flops(1 + keep, D, config.depth, config.mlp_ratio)
+        + 2 * (1 + keep) * D * Dd  # decoder_embed
+        + _transformer_fwd_flops(1 + num_patches, Dd, config.decoder_depth, config.mlp_ratio)
+        + 2 * (1 + num_patches) * Dd * patch_dim  # decoder_pred (class token included, then dropped)
+    )
+    if not training:
+        return patch_embed + rest
+    return 2 * patch_embed + 3 * rest
 
 
 def _preset(**kw) -> MAEConfig:
