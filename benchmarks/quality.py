@@ -48,15 +48,19 @@ def recipe(name: str) -> dict:
     return {}
 
 
-def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace) -> dict:
+def pretrain(
+    name: str, minutes: float, out_dir: Path, args: argparse.Namespace, model_overrides: dict | None = None
+) -> dict:
     """Pretrain `name` on the unlabelled train split for `minutes` of `args.clock` time; returns run facts.
 
     Model, batch size and optimizer come from the method's recipe (`recipe`); --batch-size and --base-lr
-    override them; the schedule (5% warmup, then cosine) is refitted to the steps the budget allows."""
+    override them, `model_overrides` (e.g. {"mask_ratio": 0.9}, benchmarks/ablations.py) the model's fields;
+    the schedule (5% warmup, then cosine) is refitted to the steps the budget allows."""
     from mimkit.engine.config import config_from_dict
     from mimkit.engine.trainer import Trainer
 
     base = recipe(name)
+    base = {**base, "model": {**base.get("model", {}), **(model_overrides or {})}}
     overrides = {"in_chans": 1} if "in_chans" in {f for f in model_config(name).__dataclass_fields__} else {}
     optim = {k: v for k, v in base.get("optim", {}).items() if k not in ("warmup_epochs", "warmup_steps")}
     optim |= {"warmup_steps": 100}  # refitted below
@@ -124,16 +128,17 @@ def pretrain(name: str, minutes: float, out_dir: Path, args: argparse.Namespace)
     return facts
 
 
+def stack_pixels(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset of (image [C, H, W], label) -> (pixels [N, C*H*W], labels [N])."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=512)
+    xs, ys = zip(*[(x.flatten(1), torch.as_tensor(y)) for x, y in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
 def pixel_baselines(spec: DataSpec, reference_model, args: argparse.Namespace) -> dict:
     """kNN and a linear probe (multinomial logistic regression on standardised pixels) on raw pixels."""
     train, test, names, num_classes = eval_datasets(reference_model, spec)
-
-    def stack(ds):
-        loader = torch.utils.data.DataLoader(ds, batch_size=512)
-        xs, ys = zip(*[(x.flatten(1), torch.as_tensor(y)) for x, y in loader])
-        return torch.cat(xs), torch.cat(ys)  # [N, C*H*W], [N]
-
-    (x, y), (xt, yt) = stack(train), stack(test)
+    (x, y), (xt, yt) = stack_pixels(train), stack_pixels(test)
     acc_knn, _ = knn_classify(x, y, xt, yt, k=20, temperature=0.07, num_classes=num_classes)
     lin = train_linear_probe(
         x, y, xt, yt, num_classes, LinearProbeConfig(epochs=args.linear_epochs, seed=args.seed)
