@@ -126,7 +126,13 @@ def test_cae_and_convmae_keys_are_checked_too(name, key, capsys):
 def test_every_key_is_in_the_matrix():
     """A key added without a range (or without saying it needs none) fails here, not in a user's run."""
     assert set(OUT_OF_RANGE) | NO_RANGE == set(ALL_KEYS)
-    no_range = {"norm_pix_loss", "skip_masked"}
+    no_range = {
+        "norm_pix_loss",
+        "skip_masked",
+        "use_regressor",
+        "masked_conv",
+        "multiscale_fusion",
+    }  # booleans
     other = {key for _, key in OTHER_KEYS}
     assert (
         other

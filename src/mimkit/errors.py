@@ -31,6 +31,15 @@ class NonFiniteLossError(MimkitError, RuntimeError):
     """The loss became NaN or infinite; training stopped before writing the corrupted weights."""
 
 
+# Why a loss or the weights stop being finite, most likely first; every NonFiniteLossError ends with this.
+LIKELY_CAUSES = (
+    "likely causes: a learning rate too high for this batch (lower optim.base_lr or optim.lr), no gradient "
+    "clipping (set optim.clip_grad, e.g. 3.0), too short a warmup (raise optim.warmup_epochs), bf16 overflow "
+    "(train.precision=fp32), or input values far from normal (data.mean / data.std); change one and resume "
+    "with train.resume=auto"
+)
+
+
 def one_line(message: str) -> str:
     """The user-facing line of an error message.
 

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigError, DataError
 from .checks import no_batch_message
 
-__all__ = ["build_pretrain_data", "check_readable", "micro_batches"]
+__all__ = ["build_pretrain_data", "check_readable", "micro_batches", "skipped_images_note"]
 
 
 def build_pretrain_data(
@@ -102,3 +102,14 @@ def check_readable(base: torch.utils.data.Dataset, path: Any) -> None:
             f"no usable image under data.path={path}: all {base.num_bad} file(s) failed to decode or were over "
             "data.max_image_pixels (see the warnings above); point data.path at a folder of images"
         ) from None
+
+
+def skipped_images_note(dataset: Any, data: Any) -> str | None:
+    """What a run says at its end about the images this process could not read, if any."""
+    bad = getattr(dataset, "num_bad", 0)
+    if not bad:
+        return None
+    return (
+        f"skipped {bad} unreadable image(s) in this process (including any over "
+        f"data.max_image_pixels={data.max_image_pixels}); see the warnings above"
+    )

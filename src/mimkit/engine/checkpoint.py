@@ -47,6 +47,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def write_checkpoint(
+    state: dict[str, Any], path: Path, encoder: Path | None = None, method: str | None = None
+) -> None:
+    """`atomic_save` a training state and, given `encoder`, its encoder as safetensors (`save_encoder`);
+    OutputError when the disk refuses (the previous file at `path` stays)."""
+    try:
+        atomic_save(state, path)
+        if encoder is not None:
+            save_encoder(state, encoder, method)
+    except OSError as err:
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise OutputError(
+            f"could not write {path}: {err.strerror or err}; {kept}. Free some disk space or choose "
+            "another train.output_dir, then resume with train.resume=auto"
+        ) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

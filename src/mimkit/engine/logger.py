@@ -12,7 +12,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricLogger", "StepMetrics", "TrainingLog", "progress_bar"]
+__all__ = ["MetricLogger", "StepMetrics", "TrainingLog", "progress_bar", "run_summary"]
+
+
+def run_summary(trainer: Any) -> str:
+    """The line a run starts with: model, data, batch, schedule, processes, precision, FLOPs and ceiling."""
+    t, cfg = trainer, trainer.cfg
+    return (
+        f"{cfg.model_name}: {t.num_params / 1e6:.2f}M params, {len(t.dataset)} images, global batch "
+        f"{t.global_batch}, peak lr {t.peak_lr:.3g}, {t.total_steps} steps ({t.steps_per_epoch:.1f}/epoch), "
+        f"{t.dist.world_size} process(es) on {t.dist.device}, {cfg.train.precision}; "
+        f"{t.flops_per_image / 1e9:.2f} GFLOP/image/step, matmul ceiling {t.ceiling / 1e9:.0f} GFLOP/s"
+    )
 
 
 class StepMetrics(Mapping[str, float]):

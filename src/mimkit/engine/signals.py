@@ -11,7 +11,14 @@ from typing import Any
 
 from .distributed import DistInfo, host_max
 
-__all__ = ["StopSignals"]
+__all__ = ["StopSignals", "stopped_message"]
+
+
+def stopped_message(signum: int, step: int, total_steps: int, out_dir: Any) -> str:
+    return (
+        f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}; checkpoint written to "
+        f"{out_dir}/checkpoint.pt. Resume with: mimkit pretrain --config {out_dir}/config.yaml --resume auto"
+    )
 
 
 class StopSignals:

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ from torch import nn
 
 from ..data import build_pretrain_data, micro_batches
 from ..data.checks import pretrain_warnings
-from ..errors import NonFiniteLossError, OutputError
+from ..data.pretrain import skipped_images_note
+from ..errors import LIKELY_CAUSES, NonFiniteLossError
 from ..protocols import AfterOptimizerStep, as_method
 from ..registry import create_model
 from .checkpoint import (
-    atomic_save,
     check_resume,
     load_checkpoint,
     load_model_weights,
@@ -40,25 +39,17 @@ from .checkpoint import (
     model_weights,
     optimizer_state,
     prepare_output_dir,
-    save_encoder,
+    write_checkpoint,
 )
 from .config import Config, save_config
 from .distributed import DistInfo, all_finite, all_reduce_mean, barrier, cleanup, init_distributed
-from .logger import StepMetrics, TrainingLog
+from .logger import StepMetrics, TrainingLog, run_summary
 from .online_probe import build_online_probe
-from .optim import cosine_lr, param_groups, plan_run
+from .optim import build_adamw, cosine_lr, plan_run
 from .perf import flops_and_ceiling
-from .signals import StopSignals
+from .signals import StopSignals, stopped_message
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "StopSignals", "Trainer", "step_seed"]
-
-# Why a loss or the weights stop being finite, most likely first; every message about it ends with this.
-LIKELY_CAUSES = (
-    "likely causes: a learning rate too high for this batch (lower optim.base_lr or optim.lr), no gradient "
-    "clipping (set optim.clip_grad, e.g. 3.0), too short a warmup (raise optim.warmup_epochs), bf16 overflow "
-    "(train.precision=fp32), or input values far from normal (data.mean / data.std); change one and resume "
-    "with train.resume=auto"
-)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -99,22 +90,14 @@ class Trainer:
             from .fsdp import shard_model
 
             shard_model(self.model, activation_checkpointing=cfg.train.activation_checkpointing)
-        self.online_probe = None
+        self.online_probe: nn.Module | None = None
+        self.trained = {"model": self.model}  # what the optimizer updates, by checkpoint entry
         if cfg.train.online_probe:
             self.online_probe = build_online_probe(
                 self.dataset, self.method.encoder.embed_dim, self.dist.device
             )
-        self.trained = {"model": self.model}  # the modules the optimizer updates, by checkpoint name
-        groups = param_groups(self.model, cfg.optim.weight_decay)
-        if self.online_probe is not None:
             self.trained["online_probe"] = self.online_probe
-            groups += param_groups(self.online_probe, 0.0)
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.peak_lr,
-            betas=tuple(cfg.optim.betas),
-            fused=not self.fsdp,  # one kernel for all parameters (about 5x faster on CPU); fp32 state
-        )
+        self.optimizer = build_adamw(self.trained, cfg.optim, self.peak_lr, fused=not self.fsdp)
         self.step = 0
         self.micro_done = 0  # micro-batches consumed since the start of training
         if cfg.train.resume:
@@ -178,17 +161,11 @@ class Trainer:
                 f"({self._kept_checkpoint()}); {LIKELY_CAUSES}"
             )
         state = self.state_dict()  # every rank takes part (FSDP gathers), rank 0 writes
-        if self.dist.is_main:
-            try:
-                atomic_save(state, path)
-                if export:  # the encoder alone, as `mimkit export --format safetensors --encoder-only`
-                    save_encoder(state, self.out_dir / "encoder.safetensors", self.method.method)
-            except OSError as err:
-                kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
-                raise OutputError(
-                    f"could not write {path}: {err.strerror or err}; {kept}. Free some disk space or choose "
-                    "another train.output_dir, then resume with train.resume=auto"
-                ) from None
+        if (
+            self.dist.is_main
+        ):  # with `export`, the encoder as `mimkit export --format safetensors --encoder-only`
+            encoder = self.out_dir / "encoder.safetensors" if export else None
+            write_checkpoint(state, path, encoder, self.method.method)
         if name == "checkpoint.pt":
             self.last_saved_step = self.step
         barrier(self.dist)
@@ -265,22 +242,17 @@ class Trainer:
         A second signal exits at once (the previous checkpoint stays; a partial write is cleaned next time).
         """
         cfg = self.cfg
-        self.flops_per_image, self.ceiling = flops, ceiling = flops_and_ceiling(
+        self.flops_per_image, self.ceiling = flops_and_ceiling(
             self.model, cfg.train.matmul_ceiling, cfg.train.precision, self.dist.device
         )
         if self.dist.is_main:
             save_config(cfg, self.out_dir / "config.yaml")
-        self._log(
-            f"{cfg.model_name}: {self.num_params / 1e6:.2f}M params, {len(self.dataset)} images, global batch "
-            f"{self.global_batch}, peak lr {self.peak_lr:.3g}, {self.total_steps} steps ({self.steps_per_epoch:.1f}"
-            f"/epoch), {self.dist.world_size} process(es) on {self.dist.device}, {cfg.train.precision}; "
-            f"{flops / 1e9:.2f} GFLOP/image/step, matmul ceiling {ceiling / 1e9:.0f} GFLOP/s"
-        )
+        self._log(run_summary(self))
         self.train_model.train()
         batches = self.batches()
         log = TrainingLog(
             self.out_dir, self.dist.is_main, self.step, self.total_steps, cfg.train.progress,
-            self.global_batch, self.dist.world_size, flops, ceiling,
+            self.global_batch, self.dist.world_size, self.flops_per_image, self.ceiling,
         )  # fmt: skip
         stats: StepMetrics | dict[str, float] = {}
         signals = StopSignals(verbose=self.dist.is_main)
@@ -291,7 +263,7 @@ class Trainer:
                     write = self.step % cfg.train.log_every == 0 or self.step == self.total_steps
                     if write and not math.isfinite(stats["loss"]):
                         raise NonFiniteLossError(
-                            f"loss is {stats['loss']} at step {self.step} (lr {stats['lr']:.3g}); stopped without "
+                            f"loss is {stats['loss']} at step {self.step - 1} (lr {stats['lr']:.3g}); stopped without "
                             f"writing a checkpoint ({self._kept_checkpoint()}); {LIKELY_CAUSES}"
                         )
                     log.step(self.step, stats, write, epoch=self.micro_done / self.micro_per_epoch)
@@ -307,19 +279,12 @@ class Trainer:
                     if self.last_saved_step != self.step:
                         self.save()  # still under the handlers: a second signal interrupts it at once
                     batches.close()  # drops the loader's iterator: its workers are shut down now
-                    self._log(
-                        f"stopped by {signal.Signals(self.stopped_by).name} at step {self.step} of "
-                        f"{self.total_steps}; checkpoint written to {self.out_dir / 'checkpoint.pt'}. Resume "
-                        f"with: mimkit pretrain --config {self.out_dir / 'config.yaml'} --resume auto"
-                    )
+                    self._log(stopped_message(self.stopped_by, self.step, self.total_steps, self.out_dir))
         finally:
             batches.close()
             log.close()
-        if self.dist.is_main and (bad := getattr(self.dataset, "num_bad", 0)):
-            self._log(
-                f"skipped {bad} unreadable image(s) in this process (including any over "
-                f"data.max_image_pixels={cfg.data.max_image_pixels}); see the warnings above"
-            )
+        if self.dist.is_main and (note := skipped_images_note(self.dataset, cfg.data)):
+            self._log(note)
         barrier(self.dist)
         return dict(stats)
 
