@@ -174,3 +174,35 @@ def test_selective_checkpointing_gives_the_same_gradients_and_stores_less(precis
     for g, r in zip(sel_grads, grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
     assert sel_saved < 0.8 * saved  # layer norm and GELU outputs are recomputed, not stored
+
+
+@pytest.mark.parametrize("shape", [(5, 16, 8), (3, 16, 1), (2, 16, 2, 2, 3)])
+def test_sync_free_gather_and_scatter_match_boolean_indexing(shape):
+    # The GPU paths (index gather, rank gather + where) give exactly the CPU paths' values and gradients.
+    from mimkit.backbones import vit
+    from mimkit.masking import random_mask
+
+    torch.manual_seed(0)
+    mask = random_mask(shape[0], shape[1], 0.75)
+    tokens = torch.randn(shape, requires_grad=True)
+    fill = torch.randn(shape[-1], requires_grad=True)
+    results = []
+    for gather, scatter in (
+        (vit._gather_by_mask, vit._scatter_by_mask),
+        (vit._gather_by_index, vit._scatter_by_rank),
+    ):
+        tokens.grad = fill.grad = None
+        visible = gather(tokens, mask)
+        assert visible.shape == (shape[0], 4, *shape[2:])
+        out = scatter(
+            visible.reshape(shape[0], 4, -1) * 2, mask, fill.repeat(visible[0, 0].numel() // shape[-1])
+        )
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((visible.detach(), out.detach(), tokens.grad.clone(), fill.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.equal(vit.visible_index(mask), (~mask).nonzero()[:, 1].reshape(shape[0], 4))
+    uneven = mask.clone()
+    uneven[0] = True
+    with pytest.raises(ValueError, match="same number"):
+        vit._gather_by_index(tokens, uneven)

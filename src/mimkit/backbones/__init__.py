@@ -1,3 +1,3 @@
-from .vit import VisionTransformer, gather_visible, init_linear_and_norm, scatter_visible
+from .vit import VisionTransformer, gather_visible, init_linear_and_norm, scatter_visible, visible_index
 
-__all__ = ["VisionTransformer", "gather_visible", "init_linear_and_norm", "scatter_visible"]
+__all__ = ["VisionTransformer", "gather_visible", "init_linear_and_norm", "scatter_visible", "visible_index"]

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..layers import Block, DropPath, sincos_2d, to_2tuple
 from ..masking import upsample_mask
-from .vit import gather_visible, init_linear_and_norm, take_indices, tokens_to_map
+from .vit import gather_visible, init_linear_and_norm, take_indices, tokens_to_map, visible_index
 
 SpatialMix = Callable[[torch.Tensor, nn.Conv2d], torch.Tensor]
 
@@ -95,10 +95,12 @@ def map_to_cells(x: torch.Tensor, grid_size: tuple[int, int], mask: torch.Tensor
     gh, gw = grid_size
     r = h // gh
     cells = x.reshape(B, gh, r, gw, r, C).transpose(2, 3).reshape(B, gh * gw, r, r, C)
-    return cells[~mask].reshape(B, -1, r, r, C)
+    return gather_visible(cells, mask)
 
 
 def _check_equal_counts(mask: torch.Tensor) -> None:
+    if mask.device.type != "cpu":
+        return  # checked by visible_index where the mask is used, in the one host sync it needs anyway
     keep = (~mask).sum(dim=1)
     if keep.numel() and bool((keep != keep[0]).any()):
         raise ValueError("every image in a batch must have the same number of masked patches")
@@ -127,7 +129,9 @@ class VisibleCells:
         B = mask.shape[0]
         gh, gw = grid_size
         self.shape = (B, gh * r, gw * r)
-        b, patch = (~mask).nonzero(as_tuple=True)  # [B*K], batch-major grid order, as mask-indexing
+        visible = visible_index(mask)  # [B, K] grid order; no data-dependent shape after the count
+        patch = visible.flatten()  # [B*K], batch-major grid order, as mask-indexing
+        b = torch.arange(B, device=mask.device).repeat_interleave(visible.shape[1])
         offs = torch.arange(r, device=mask.device)
         rows = (patch // gw * r)[:, None, None] + offs[None, :, None]  # [B*K, r, 1]
         cols = (patch % gw * r)[:, None, None] + offs[None, None, :]  # [B*K, 1, r]
@@ -412,7 +416,7 @@ class ConvViT(nn.Module):
         pixels = images.reshape(B, C, grid[0], P, grid[1], P).permute(
             0, 2, 4, 3, 5, 1
         )  # [B, gh, gw, P, P, C]
-        pixels = pixels.reshape(B, -1, P, P, C)[~mask].reshape(B, -1, P, P, C)  # [B, K, P, P, C] visible only
+        pixels = gather_visible(pixels.reshape(B, -1, P, P, C), mask)  # [B, K, P, P, C] visible only
         cells1, cells2 = VisibleCells(mask, grid, P // s1), VisibleCells(mask, grid, P // (s1 * s2))
         x1, x2, x3, fuse = self._stages(pixels, cells1.depthwise, cells2.depthwise)
         K = pixels.shape[1]

@@ -10,14 +10,47 @@ from torch import nn
 from ..layers import Block, PatchEmbed, sincos_2d
 
 
+def visible_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool mask (True = masked) -> [B, keep] int64 positions of the visible patches, in grid order.
+
+    Every image must keep the same number of patches (ValueError otherwise). The count is read on the host
+    once (one device sync when the mask lives on a GPU); the positions come from a stable sort, so there is
+    no data-dependent shape after that and no further sync.
+    """
+    B, L = mask.shape
+    if B == 0:
+        return torch.zeros(0, 0, dtype=torch.long, device=mask.device)
+    lo, hi = (L - mask.sum(dim=1)).aminmax()
+    lo, hi = torch.stack([lo, hi]).tolist()
+    if lo != hi:
+        raise ValueError("every image in a batch must have the same number of masked patches")
+    return torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices[:, :lo]  # visible (0) first
+
+
 def gather_visible(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, D] tokens, [B, L] bool mask (True = masked) -> [B, keep, D] visible tokens in grid order."""
-    B, L, D = tokens.shape
-    visible = ~mask
-    keep = visible.sum(dim=1)
+    """[B, L, ...] tokens, [B, L] bool mask (True = masked) -> [B, keep, ...] visible tokens in grid order.
+
+    On the CPU by boolean indexing; on a GPU by `visible_index` + gather: one host sync (the count) instead
+    of three (the equal-count check and the nonzero of boolean indexing, forward and backward). Same values.
+    """
+    if mask.device.type == "cpu":
+        return _gather_by_mask(tokens, mask)
+    return _gather_by_index(tokens, mask)
+
+
+def _gather_by_mask(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    keep = (~mask).sum(dim=1)
     if keep.numel() and bool((keep != keep[0]).any()):
         raise ValueError("every image in a batch must have the same number of masked patches")
-    return tokens[visible].reshape(B, -1, D)
+    return tokens[~mask].reshape(tokens.shape[0], -1, *tokens.shape[2:])
+
+
+def _gather_by_index(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    index = visible_index(mask)  # [B, keep]
+    B, L = tokens.shape[:2]
+    flat = tokens.reshape(B, L, -1)
+    out = flat.gather(1, index.unsqueeze(-1).expand(-1, -1, flat.shape[-1]))
+    return out.reshape(B, index.shape[1], *tokens.shape[2:])
 
 
 def take_indices(num_features: int, indices: int | Sequence[int] | None = None) -> list[int]:
@@ -45,11 +78,32 @@ def tokens_to_map(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Ten
 
 
 def scatter_visible(visible_tokens: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Inverse of `gather_visible`: [B, keep, D] -> [B, L, D], masked positions set to `fill` ([D])."""
+    """Inverse of `gather_visible`: [B, keep, D] -> [B, L, D], masked positions set to `fill` ([D]).
+
+    On the CPU by boolean-mask assignment (measured fastest there); on a GPU without any host sync or
+    data-dependent shape (CUDA graphs and torch.compile friendly): each position reads the visible token of
+    its rank among the visible positions and masked positions take `fill`. Same values either way.
+    """
+    if mask.device.type == "cpu" or visible_tokens.shape[1] == 0:
+        return _scatter_by_mask(visible_tokens, mask, fill)
+    return _scatter_by_rank(visible_tokens, mask, fill)
+
+
+def _scatter_by_mask(visible_tokens: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     B, L = mask.shape
-    out = fill.to(visible_tokens.dtype).expand(B, L, -1).clone()
-    out[~mask] = visible_tokens.reshape(-1, visible_tokens.shape[-1])
+    D = visible_tokens.shape[-1]
+    out = fill.to(visible_tokens.dtype).expand(B, L, D).clone()
+    out[~mask] = visible_tokens.reshape(-1, D)
     return out
+
+
+def _scatter_by_rank(visible_tokens: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    B, L = mask.shape
+    D = visible_tokens.shape[-1]
+    fill = fill.to(visible_tokens.dtype)
+    slot = ((~mask).cumsum(dim=1) - 1).clamp_(min=0)  # [B, L]: rank of each visible position
+    spread = visible_tokens.gather(1, slot.unsqueeze(-1).expand(B, L, D))  # [B, L, D]
+    return torch.where(mask.unsqueeze(-1), fill, spread)
 
 
 class VisionTransformer(nn.Module):

@@ -1,5 +1,13 @@
 """`mimkit bench`: train-step throughput of mimkit MAE against Hugging Face ViTMAE, alternating, as JSON.
 
+The peer needs `transformers` (a dev extra: `pip install mimkit[dev]`); without it mimkit is benchmarked
+alone and the report says so under `peer`. Every report records the machine: the CPU's `lscpu` model line,
+family/model and the flags that decide bf16 speed (avx512_bf16, amx), and the measured matmul ceilings in
+fp32 and bf16 at 1 and 2 threads (and at the run's thread count), so figures from different machines are
+never compared blind. `--recipes configs/*_tiny_fmnist.yaml` also trains each recipe for a few steps through
+the real trainer and reports its own img/s and MFU (against the ceiling measured here) and its data
+loader's img/s alone.
+
 Speed: for each config x dtype, one fresh subprocess builds both models (same seed, same synthetic batch,
 AdamW on both) and alternates them in blocks of `--steps` train steps (forward + backward + optimizer
 step) per round, in ABBA order (mimkit, peer, peer, mimkit, ...), so load drifts of a shared machine hit
@@ -19,6 +27,8 @@ allocation and unmapped on free) makes it track the tensors alive at once: `peak
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -26,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -38,6 +49,87 @@ CONFIGS: dict[str, tuple[str, int]] = {
 }
 DTYPES = ("fp32", "bf16")
 IMPLS = ("mimkit", "peer")
+CPU_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def transformers_missing() -> str | None:
+    """Why the Hugging Face peer cannot run here (None when it can)."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (it is a dev extra: pip install 'mimkit[dev]'); mimkit alone"
+    return None
+
+
+def available_impls() -> tuple[str, ...]:
+    return IMPLS if transformers_missing() is None else ("mimkit",)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """The CPU as `lscpu` names it: model line, vendor, family/model, the bf16-relevant flags, core count."""
+    fields: dict[str, str] = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not fields.get("Flags"):  # no lscpu: the kernel's view of the first CPU
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    key = {"model name": "Model name", "flags": "Flags", "cpu family": "CPU family",
+                           "model": "Model", "vendor_id": "Vendor ID"}.get(key.strip())  # fmt: skip
+                    if key and key not in fields:
+                        fields[key] = value.strip()
+        except OSError:
+            pass
+    flags = set(fields.get("Flags", "").split())
+    return {
+        "model_name": fields.get("Model name") or platform.processor() or platform.machine(),
+        "vendor": fields.get("Vendor ID"),
+        "family": fields.get("CPU family"),
+        "model": fields.get("Model"),
+        "cores": os.cpu_count(),
+        "flags": {flag: flag in flags for flag in CPU_FLAGS},
+        "amx": any(flag.startswith("amx") for flag in flags),
+    }
+
+
+def matmul_ceilings(thread_counts: tuple[int, ...] = (1, 2)) -> dict[str, dict[str, float]]:
+    """Measured 2048^3 matmul GFLOP/s in fp32 and bf16 at each thread count (the thread setting is restored)."""
+    from ..engine.perf import measure_matmul_ceiling
+
+    before = torch.get_num_threads()
+    out: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}}
+    try:
+        for n in sorted(set(thread_counts)):
+            torch.set_num_threads(n)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                out[name][str(n)] = measure_matmul_ceiling(dtype) / 1e9
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_info(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def hf_config(mimkit_config: Any):
@@ -117,24 +209,27 @@ class _Runner:
 
 
 def time_worker(
-    model_name: str, batch_size: int, dtype: str, rounds: int, warmup: int, steps: int, adamw: str = "default"
-) -> dict:
+    model_name: str, batch_size: int, dtype: str, rounds: int, warmup: int, steps: int, adamw: str = "default",
+    impls: list[str] | None = None,
+) -> dict:  # fmt: skip
     """Both implementations in one process, alternating in blocks of `steps` steps (ABBA order) per round,
     so machine-load drifts hit both alike. Returns per-round median step times."""
-    runners = {impl: _Runner(impl, model_name, batch_size, dtype, adamw) for impl in IMPLS}
+    impls = tuple(impls or available_impls())
+    runners = {impl: _Runner(impl, model_name, batch_size, dtype, adamw) for impl in impls}
     for runner in runners.values():
         for _ in range(warmup):
             runner.step()
-    step_s: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    step_s: dict[str, list[float]] = {impl: [] for impl in impls}
     for r in range(rounds):
-        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:
+        for impl in impls if r % 2 == 0 else impls[::-1]:
             step_s[impl].append(statistics.median(runners[impl].step() for _ in range(steps)))
     return {"step_s_rounds": step_s}
 
 
 def memory_worker(model_name: str, batch_size: int, dtype: str, impl: str, adamw: str = "default") -> dict:
     """Peak RSS of `impl` alone in this fresh process: a warm-up step and two measured steps."""
-    import transformers  # noqa: F401  (imported on both sides so the RSS baselines match)
+    if transformers_missing() is None:
+        import transformers  # noqa: F401  (imported on both sides so the RSS baselines match)
 
     import mimkit  # noqa: F401
 
@@ -157,11 +252,63 @@ def _spawn(*worker_args: object, threads: int = 0, env: dict[str, str] | None = 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def recipe_worker(
+    path: str, steps: int, log_every: int, ceiling: float | None, loader_batches: int = 6
+) -> dict:
+    """Train the recipe at `path` for `steps` steps through the real trainer (a temporary output folder);
+    the trainer's own img/s and MFU per log window, the first window (start-up) dropped, and its data loader
+    alone over `loader_batches` batches before training."""
+    from ..engine.config import load_config
+    from ..engine.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="mimkit_bench_") as out:
+        overrides = [
+            f"train.max_steps={steps}", f"train.log_every={log_every}", f"train.output_dir={out}",
+            "train.progress=false", f"train.ckpt_every={10 * steps}",
+        ]  # fmt: skip
+        if ceiling:
+            overrides.append(f"train.matmul_ceiling={ceiling}")
+        cfg = load_config(path, overrides)
+        trainer = Trainer(cfg)
+        try:
+            batches = iter(trainer.train_loader)
+            next(batches)  # workers started, first batch
+            start, images = time.perf_counter(), 0
+            for _ in range(loader_batches):
+                images += next(batches)[0].shape[0]
+            loader_ips = images / (time.perf_counter() - start)
+            del batches
+            trainer.fit()
+        finally:
+            trainer.close()
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    windows = [r for r in rows if "img_per_sec" in r][1:]
+    if not windows:
+        raise RuntimeError(
+            f"{path}: {steps} steps at log_every={log_every} left no timed window after the first"
+        )
+    return {
+        "model": cfg.model_name,
+        "batch_size": cfg.data.batch_size,
+        "num_workers": cfg.data.num_workers,
+        "precision": cfg.train.precision,
+        "steps": steps,
+        "flops_per_image": trainer.flops_per_image,
+        "matmul_ceiling_gflops": trainer.ceiling / 1e9,
+        "img_per_s": statistics.median(r["img_per_sec"] for r in windows),
+        "img_per_s_windows": [r["img_per_sec"] for r in windows],
+        "mfu": statistics.median(r["mfu"] for r in windows),
+        "mfu_windows": [r["mfu"] for r in windows],
+        "loader_img_per_s": loader_ips,
+    }
+
+
 def _worker_main(spec: str) -> None:
     threads, kind, *args = json.loads(spec)
     if threads:
         torch.set_num_threads(threads)
-    fn = {"time": time_worker, "memory": memory_worker}[kind]
+    fn = {"time": time_worker, "memory": memory_worker, "recipe": recipe_worker}[kind]
     print(json.dumps(fn(*args)))
 
 
@@ -175,39 +322,57 @@ def run_benchmark(
     threads: int = 0,
     memory: bool = True,
     adamw: str = "default",
+    recipes: list[str] | None = None,
+    recipe_steps: int = 60,
+    recipe_log_every: int = 10,
 ) -> dict:
     """Time mimkit and the peer alternating over `rounds` for every config x dtype (one process each),
-    then measure each one's peak memory in its own fresh process; medians, ratios and % of the ceiling."""
-    from ..engine.perf import measure_matmul_ceiling
+    then measure each one's peak memory in its own fresh process; medians, ratios and % of the ceiling.
+    Then train each recipe in `recipes` briefly through the trainer (its img/s, MFU and loader speed)."""
+    from ..engine.perf import mae_flops_per_image, measure_matmul_ceiling
     from ..registry import model_config
 
+    say = progress or (lambda msg: None)
     if threads:
         torch.set_num_threads(threads)
+    impls = available_impls()
+    missing = transformers_missing()
     ceiling = {
         "fp32": measure_matmul_ceiling(torch.float32),
         "bf16": measure_matmul_ceiling(torch.bfloat16),
     }
     report: dict[str, Any] = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "matmul_ceiling_gflops": {k: v / 1e9 for k, v in ceiling.items()},
-        "settings": {"rounds": rounds, "warmup": warmup, "steps": steps, "adamw": adamw},
+        "matmul_ceilings_by_threads_gflops": matmul_ceilings((1, 2, torch.get_num_threads())),
+        "settings": {"rounds": rounds, "warmup": warmup, "steps": steps, "adamw": adamw, "threads": threads},
+        "peer": {"name": "transformers.ViTMAEForPreTraining (sdpa)", "available": missing is None}
+        | ({"note": missing} if missing else {}),
         "results": {},
     }
-    from ..engine.perf import mae_flops_per_image
-
+    say(
+        f"{report['machine']['cpu']['model_name']}; ceilings (GFLOP/s) {report['matmul_ceilings_by_threads_gflops']}"
+    )
+    if missing:
+        say(f"peer skipped: {missing}")
     for name in configs:
         model_name, batch_size = CONFIGS[name]
         flops = mae_flops_per_image(model_config(model_name))
         for dtype in dtypes:
-            t = _spawn("time", model_name, batch_size, dtype, rounds, warmup, steps, adamw, threads=threads)
+            t = _spawn(
+                "time",
+                model_name,
+                batch_size,
+                dtype,
+                rounds,
+                warmup,
+                steps,
+                adamw,
+                list(impls),
+                threads=threads,
+            )
             entry: dict[str, Any] = {"model": model_name, "batch_size": batch_size, "flops_per_image": flops}
-            for impl in IMPLS:
+            for impl in impls:
                 ips = [batch_size / s for s in t["step_s_rounds"][impl]]
                 med = statistics.median(ips)
                 entry[impl] = {
@@ -215,27 +380,38 @@ def run_benchmark(
                     "img_per_s_rounds": ips,
                     "pct_of_ceiling": 100 * med * flops / ceiling[dtype],
                 }
-                if progress:
-                    progress(f"{name} {dtype} {impl}: {med:.2f} img/s (rounds {[round(x, 2) for x in ips]})")
-            mimkit_r, peer_r = (entry[impl]["img_per_s_rounds"] for impl in IMPLS)
-            entry["speed_ratio"] = entry["mimkit"]["img_per_s"] / entry["peer"]["img_per_s"]
-            entry["speed_ratio_rounds"] = [m / p for m, p in zip(mimkit_r, peer_r)]
-            entry["speed_ratio_median_of_rounds"] = statistics.median(entry["speed_ratio_rounds"])
+                say(f"{name} {dtype} {impl}: {med:.2f} img/s (rounds {[round(x, 2) for x in ips]})")
+            if "peer" in impls:
+                mimkit_r, peer_r = (entry[impl]["img_per_s_rounds"] for impl in IMPLS)
+                entry["speed_ratio"] = entry["mimkit"]["img_per_s"] / entry["peer"]["img_per_s"]
+                entry["speed_ratio_rounds"] = [m / p for m, p in zip(mimkit_r, peer_r)]
+                entry["speed_ratio_median_of_rounds"] = statistics.median(entry["speed_ratio_rounds"])
             if memory:
-                for impl in IMPLS:
+                for impl in impls:
                     args = ("memory", model_name, batch_size, dtype, impl, adamw)
                     entry[impl] |= _spawn(*args, threads=threads)
                     live = _spawn(*args, threads=threads, env=LIVE_MEMORY_ENV)
                     entry[impl]["peak_live_delta_mb"] = live["peak_rss_delta_mb"]
-                for key, ratio in (
-                    ("peak_rss_delta_mb", "memory_ratio"),
-                    ("peak_live_delta_mb", "memory_ratio_live"),
-                ):
-                    entry[ratio] = entry["mimkit"][key] / entry["peer"][key]
-                if progress:
-                    progress(f"{name} {dtype}: peak-memory ratio {entry['memory_ratio']:.2f} "
-                             f"(live {entry['memory_ratio_live']:.2f})")  # fmt: skip
+                if "peer" in impls:
+                    for key, ratio in (
+                        ("peak_rss_delta_mb", "memory_ratio"),
+                        ("peak_live_delta_mb", "memory_ratio_live"),
+                    ):
+                        entry[ratio] = entry["mimkit"][key] / entry["peer"][key]
+                    say(f"{name} {dtype}: peak-memory ratio {entry['memory_ratio']:.2f} "
+                        f"(live {entry['memory_ratio_live']:.2f})")  # fmt: skip
             report["results"][f"{name}_{dtype}"] = entry
+    if recipes:
+        report["recipes"] = {}
+        for path in recipes:
+            res = _spawn("recipe", path, recipe_steps, recipe_log_every, ceiling["bf16"], threads=threads)
+            report["recipes"][os.path.basename(path)] = res
+            say(f"{os.path.basename(path)}: {res['img_per_s']:.1f} img/s, MFU {res['mfu']:.1%}, "
+                f"loader alone {res['loader_img_per_s']:.0f} img/s")  # fmt: skip
+        mfus = {k: v["mfu"] for k, v in report["recipes"].items()}
+        mae = next((v for k, v in mfus.items() if k.startswith("mae")), None)
+        if mae:
+            report["recipes_mfu_vs_mae"] = {k: v / mae for k, v in mfus.items()}
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["matmul_ceiling_gflops_end"] = {
         "fp32": measure_matmul_ceiling(torch.float32) / 1e9,
@@ -245,7 +421,7 @@ def run_benchmark(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per config (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
@@ -255,6 +431,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--adamw", choices=["default", "fused"], default="default", help="AdamW implementation (both sides)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
+    p.add_argument(
+        "--recipes", nargs="*", default=[], metavar="YAML",
+        help="also train these recipes briefly through the trainer (e.g. configs/*_tiny_fmnist.yaml): img/s, MFU",
+    )  # fmt: skip
+    p.add_argument("--recipe-steps", type=int, default=60, help="optimizer steps per recipe")
+    p.add_argument("--recipe-log-every", type=int, default=10, help="steps per timed window (first dropped)")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -266,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = run_benchmark(
         args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress, args.threads,
-        not args.no_memory, args.adamw,
+        not args.no_memory, args.adamw, args.recipes, args.recipe_steps, args.recipe_log_every,
     )  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
@@ -280,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="train-step throughput of mimkit MAE vs Hugging Face ViTMAE (JSON)",
+        help="train-step throughput of mimkit MAE (vs Hugging Face ViTMAE when transformers is installed), JSON",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
