@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import mimkit
+from mimkit.interop.layouts import cae_encoder_to_timm_beit
 from mimkit.layers import set_fused_attention
 from mimkit.layers.cross_attention import CrossAttentionBlock
-from mimkit.methods.cae import CAE, cae_encoder_to_timm_beit
+from mimkit.methods.cae import CAE
 from mimkit.targets import pixel_target
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, regressor_depth=2, decoder_depth=2)
@@ -235,11 +236,16 @@ def test_fused_and_math_attention_agree_in_regressor():
 
 
 def test_reconstructions_keep_visible_patches_and_both_paths_run():
+    from mimkit.viz.reconstruction import with_visible_patches
+
     model = tiny(in_chans=1).eval()
     x = torch.randn(2, 1, 32, 32)
     mask = model.mask_generator(2)
-    via_reg = model.reconstruct_images(x, mask, through_regressor=True)
-    direct = model.reconstruct_images(x, mask, through_regressor=False)
+    with torch.no_grad():
+        via_reg = with_visible_patches(model, x, model(x, mask).pred, mask)
+        direct = with_visible_patches(
+            model, x, model.extra_reconstructions(x, mask)["encoder -> decoder"], mask
+        )
     vis = ~mask.reshape(2, 1, 8, 1, 8, 1).expand(2, 1, 8, 4, 8, 4).reshape(2, 1, 32, 32)
     assert torch.equal(via_reg[vis], x[vis]) and torch.equal(direct[vis], x[vis])
     assert not torch.allclose(via_reg, direct)

@@ -12,8 +12,8 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 import mimkit
+from mimkit.interop.layouts import convmae_from_official_state_dict, convmae_to_official_state_dict
 from mimkit.masking import grid_mask, random_mask
-from mimkit.methods.convmae import convmae_from_official_state_dict, convmae_to_official_state_dict
 
 SMALL = dict(embed_dims=(16, 24, 32), depths=(1, 2, 2), num_heads=2, decoder_embed_dim=16, decoder_depth=1,
              decoder_num_heads=2)  # fmt: skip

@@ -24,6 +24,7 @@ __all__ = [
     "ModuleLike",
     "MIMMethod",
     "MIMOutput",
+    "Tokenizer",
     "as_method",
 ]
 
@@ -85,6 +86,20 @@ class MIMMethod(ModuleLike, Protocol):
     def __call__(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput: ...
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Tokenizer(ModuleLike, Protocol):
+    """A discrete tokenizer for token targets (CAE): images as the model sees them -> code ids per patch."""
+
+    @property
+    def codebook_size(self) -> int: ...
+
+    def grid_size(self, img_size: Any) -> tuple[int, int]: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L] long."""
+        ...
 
 
 @runtime_checkable

@@ -59,5 +59,5 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     config = model_config(name, **overrides)
     method_cls, _ = _PRESETS[name]
     model = method_cls(config)
-    model.model_name = name
+    setattr(model, "model_name", name)  # noqa: B010  a plain attribute (nn.Module's __setattr__ is typed for tensors)
     return model

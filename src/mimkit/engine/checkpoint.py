@@ -25,6 +25,7 @@ from torch import nn
 
 from ..data.transforms import preprocessing
 from ..errors import ConfigError, OutputError
+from ..protocols import as_method
 
 FORMAT = "mimkit/1"
 
@@ -100,7 +101,7 @@ def optimizer_state(modules: dict[str, nn.Module], optimizer: torch.optim.Optimi
 
     if not optimizer.state:  # before the first step (get_optimizer_state_dict would step it to create state)
         return optimizer.state_dict()
-    named = get_optimizer_state_dict(nn.ModuleDict(modules), optimizer, options=_full(cpu_offload=True))
+    named: Any = get_optimizer_state_dict(nn.ModuleDict(modules), optimizer, options=_full(cpu_offload=True))
     if not named:  # a rank other than 0
         return {}
     ids = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
@@ -119,7 +120,7 @@ def load_optimizer_state(
     holder = nn.ModuleDict(modules)
     name_of = {id(p): name for name, p in holder.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    named = {
+    named: Any = {
         "state": {names[int(i)]: _cloned(entry) for i, entry in state["state"].items()},
         "param_groups": [
             {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
@@ -132,14 +133,14 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full `model.state_dict()` on CPU (gathered on rank 0 under FSDP; other ranks get {})."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full(cpu_offload=True))
+    return dict(get_model_state_dict(model, options=_full(cpu_offload=True)))  # type: ignore[arg-type]
 
 
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load a full state dict into a plain or sharded model; every rank passes it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, weights, options=_full(strict=strict))
+    set_model_state_dict(model, dict(weights), options=_full(strict=strict))
 
 
 def _cloned(entry: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +233,7 @@ def model_state(model: nn.Module, weights: dict | None = None) -> dict:
     return {
         "format": FORMAT,
         "model_name": getattr(model, "model_name", None),
-        "model_config": dataclasses.asdict(model.config),
+        "model_config": dataclasses.asdict(as_method(model).config),
         "model": model.state_dict() if weights is None else weights,
     }
 
@@ -259,12 +260,10 @@ def model_from_checkpoint(path_or_ckpt: str | os.PathLike | dict, strict: bool =
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel / torch.compile wrappers."""
     while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")
+        if inner is None:
             return model
+        model = inner
 
 
 def save_encoder(checkpoint: dict[str, Any], out: str | os.PathLike, method: str | None = None) -> Path:

@@ -6,6 +6,7 @@ import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,7 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 @functools.cache
-def _host_group(world: object) -> dist.ProcessGroup | None:
+def _host_group(world: object) -> Any:
     """A gloo group over every process of `world` (the default group when it is gloo), for CPU values."""
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 

@@ -67,7 +67,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     for block in blocks_of(model):
         if not getattr(block, "_mimkit_checkpointed", False):
             block.forward = functools.partial(_checkpointed_forward, block.forward)
-            block._mimkit_checkpointed = True
+            setattr(block, "_mimkit_checkpointed", True)  # noqa: B010  a plain attribute, not a submodule
     return model
 
 

@@ -17,7 +17,8 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, skip = [], []
+    decay: list[nn.Parameter] = []
+    skip: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (skip if no_decay(name, p) else decay).append(p)

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class Trainer:
         return f"{self.out_dir / 'checkpoint.pt'} from step {self.last_saved_step} is the last finite one"
 
     # ---------------------------------------------------------------- loop
-    def batches(self) -> Iterator[Any]:
+    def batches(self) -> Generator[Any, None, None]:
         """Micro-batches forever, starting at `micro_done`; epochs advance the sampler and the augmentations.
 
         For loops of your own (a time budget, a custom schedule): `b = trainer.batches()`, then
@@ -194,7 +194,7 @@ class Trainer:
         lr = cosine_lr(self.step, self.total_steps, self.peak_lr, self.warmup_steps, cfg.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        accum, totals = cfg.optim.accum_steps, {}
+        accum, totals = cfg.optim.accum_steps, dict[str, torch.Tensor]()
         for i in range(accum):
             images, mask, labels = next(batches)
             images, mask = images.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)

@@ -161,7 +161,7 @@ def export_timm(checkpoint: Any, out: str | os.PathLike, img_size: Any = None) -
     name, kwargs = timm_spec(model, img_size)
     sd = encoder_state_dict(model, img_size)
     if model.method == "cae":
-        from ..methods.cae import cae_encoder_to_timm_beit
+        from .layouts import cae_encoder_to_timm_beit
 
         sd = cae_encoder_to_timm_beit(sd)
     path = Path(out).with_suffix(".safetensors").resolve()

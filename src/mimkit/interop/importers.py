@@ -386,7 +386,7 @@ def import_checkpoint(
             method = "cae"
             cfg = _cae_config(sd, args, overrides)
         else:
-            from ..methods.convmae import convmae_from_official_state_dict
+            from .layouts import convmae_from_official_state_dict
 
             sd, method = convmae_from_official_state_dict(raw), "convmae"
             cfg = _convmae_config(sd, args, overrides)

@@ -31,8 +31,24 @@ class LossTerms(NamedTuple):
     metrics: dict[str, torch.Tensor] = {}  # a NamedTuple default: shared, never mutated
 
 
+class MAEDecoderFields(nn.Module):
+    """A module with MAE's decoder, as `add_mae_decoder` builds it (MAE and ConvMAE derive from this)."""
+
+    decoder_embed: nn.Linear
+    mask_token: nn.Parameter
+    decoder_pos_embed: nn.Parameter
+    decoder_blocks: nn.ModuleList
+    decoder_norm: nn.LayerNorm
+    decoder_pred: nn.Linear
+
+
 def add_mae_decoder(
-    model: nn.Module, in_dim: int, config: Any, out_dim: int, grid_size: tuple[int, int], cls_token: bool
+    model: MAEDecoderFields,
+    in_dim: int,
+    config: Any,
+    out_dim: int,
+    grid_size: tuple[int, int],
+    cls_token: bool,
 ) -> None:
     """Give `model` MAE's decoder under MAE's key names (shared by MAE and ConvMAE, whose authors use it):
 
@@ -57,7 +73,7 @@ def add_mae_decoder(
         init_linear_and_norm(module)
 
 
-def run_mae_decoder_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def run_mae_decoder_blocks(model: MAEDecoderFields, tokens: torch.Tensor) -> torch.Tensor:
     """[B, N, Dd] decoder tokens (position embedding added) -> [B, N, out_dim] through blocks, norm, head."""
     for block in model.decoder_blocks:
         tokens = block(tokens)

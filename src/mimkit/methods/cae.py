@@ -36,9 +36,10 @@ from ..backbones.vit import VisionTransformer, gather_visible, init_linear_and_n
 from ..layers import Block, sincos_2d
 from ..layers.cross_attention import CrossAttentionBlock
 from ..masking import MaskGenerator
+from ..protocols import Tokenizer
 from ..registry import register_model
-from ..targets import patch_stats, patchify, pixel_target, unpatchify
-from .base import MIMOutput
+from ..targets import pixel_target
+from .base import LossTerms, MIMOutput
 
 
 @dataclass(frozen=True)
@@ -71,22 +72,6 @@ class CAEConfig:
     # forward needs `target_ids`.
     vocab_size: int | None = None
     norm_eps: float = 1e-6
-
-
-def cae_encoder_to_timm_beit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a CAE encoder state dict (mimkit/timm-ViT names) to timm `Beit` names.
-
-    Only the layer-scale names differ: `blocks.N.ls1.gamma` -> `blocks.N.gamma_1`, `ls2.gamma` -> `gamma_2`;
-    q_bias/v_bias, qkv, proj, norms, mlp, cls_token, pos_embed and patch_embed keep their names. The result
-    loads with strict=True into `timm.create_model('beit_base_patch16_224', num_classes=0,
-    use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.1, global_pool='token')` (with
-    global_pool='avg' timm moves the final norm to `fc_norm`, applied after pooling: rename `norm.*` there).
-    """
-    out = {}
-    for key, value in state_dict.items():
-        key = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
-        out[key] = value
-    return out
 
 
 @contextlib.contextmanager
@@ -137,7 +122,7 @@ class CAE(nn.Module):
         self.mask_generator = MaskGenerator(c.mask_kind, self.grid_size, c.mask_ratio)
 
         # Frozen tokenizer for token targets; part of the state dict so a checkpoint is self-contained.
-        self.tokenizer: nn.Module | None = None
+        self.tokenizer: Tokenizer | None = None
         if c.target == "token" and c.tokenizer_path is None and c.vocab_size:
             out_dim = c.vocab_size  # an imported token head; forward takes the target ids
         elif c.target == "token":
@@ -182,7 +167,7 @@ class CAE(nn.Module):
         if c.momentum > 0:
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
 
-    def _load_tokenizer(self) -> nn.Module:
+    def _load_tokenizer(self) -> Tokenizer:
         c = self.config
         if not c.tokenizer_path:
             raise ValueError(
@@ -194,6 +179,8 @@ class CAE(nn.Module):
         from ..tokenizers import load_tokenizer
 
         tok = load_tokenizer(c.tokenizer_path).requires_grad_(False).eval()
+        if not isinstance(tok, Tokenizer):
+            raise TypeError(f"{c.tokenizer_path} did not give a tokenizer (encode, grid_size, codebook_size)")
         if tuple(tok.grid_size(self.encoder.patch_embed.img_size)) != tuple(self.grid_size):
             raise ValueError(
                 f"tokenizer gives a {tok.grid_size(self.encoder.patch_embed.img_size)} token grid but CAE's "
@@ -275,7 +262,7 @@ class CAE(nn.Module):
         """
         if self.teacher is None:
             return
-        t_params = list(self.teacher.parameters())
+        t_params: list[torch.Tensor] = list(self.teacher.parameters())
         s_params = [p.detach().to(t.dtype) for p, t in zip(self.encoder.parameters(), t_params)]
         torch._foreach_lerp_(t_params, s_params, 1.0 - self.config.momentum)
 
@@ -298,7 +285,7 @@ class CAE(nn.Module):
         pred_m: torch.Tensor,
         mask: torch.Tensor,
         target_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> LossTerms:
         """Decoder loss on the masked patches; `target_ids` [B, L] stands in for the tokenizer's ids."""
         target = target_ids if target_ids is not None else self.decode_target(images)
         if self.config.target == "token":
@@ -306,9 +293,9 @@ class CAE(nn.Module):
             logits = pred_m.float().flatten(0, 1)  # [B*M, K]
             loss = F.cross_entropy(logits, ids.flatten())
             acc = (logits.argmax(-1) == ids.flatten()).float().mean()
-            return loss, {"token_acc": acc.detach()}
+            return LossTerms(loss, {"token_acc": acc.detach()})
         target_m = gather_visible(target, ~mask)  # [B, M, K]
-        return (pred_m.float() - target_m.float()).pow(2).mean(), {}
+        return LossTerms((pred_m.float() - target_m.float()).pow(2).mean())
 
     def _full_pred(self, pred_m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, M, K] masked predictions -> [B, L, K]; visible positions are zeros (CAE predicts no
@@ -366,34 +353,8 @@ class CAE(nn.Module):
             return {}
         return {"encoder -> decoder": self.reconstruct_without_regressor(images, mask.to(images.device))}
 
-    @torch.no_grad()
-    def reconstruct_images(
-        self, images: torch.Tensor, mask: torch.Tensor, through_regressor: bool = True
-    ) -> torch.Tensor:
-        """Pixel reconstructions [B, C, H, W] for `mimkit visualize` (pixel targets only).
 
-        Masked patches come from the decoder, either through the regressor (the training path) or straight
-        from the encoder (`through_regressor=False`, see `reconstruct_without_regressor`); visible patches
-        are the input's. With norm_pix_loss the predictions are de-normalised with each true patch's mean and
-        std (as MAE's pictures do).
-        """
-        if self.config.target == "token":
-            raise ValueError("pixel reconstructions need a CAE trained with target='pixel'")
-        mask = mask.to(images.device)
-        if through_regressor:
-            pred = self._full_pred(self.forward_decoder(self.forward_regressor(
-                self.forward_encoder(images, mask), mask), mask), mask)  # fmt: skip
-        else:
-            pred = self.reconstruct_without_regressor(images, mask)
-        patches = patchify(images, self.patch_size)  # [B, L, p*p*C]
-        if self.config.norm_pix_loss:
-            mean, std = patch_stats(patches)
-            pred = pred * std + mean
-        out = torch.where(mask.unsqueeze(-1), pred.to(patches.dtype), patches)
-        return unpatchify(out, self.patch_size, self.grid_size, images.shape[1])
-
-
-__all__ = ["CAE", "CAEConfig", "cae_encoder_to_timm_beit"]
+__all__ = ["CAE", "CAEConfig"]
 
 
 def _preset(**kw) -> CAEConfig:

@@ -25,11 +25,9 @@ stored position embeddings and the default mask generator's grid.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..backbones.convvit import ConvViT
 from ..backbones.vit import scatter_visible
@@ -37,7 +35,7 @@ from ..layers import sincos_2d
 from ..masking import MaskGenerator
 from ..registry import register_model
 from ..targets import masked_mse, pixel_target
-from .base import MIMOutput, add_mae_decoder, run_mae_decoder_blocks
+from .base import LossTerms, MAEDecoderFields, MIMOutput, add_mae_decoder, run_mae_decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class ConvMAEConfig:
         return self.embed_dims[-1]
 
 
-class ConvMAE(nn.Module):
+class ConvMAE(MAEDecoderFields):
     method = "convmae"
 
     def __init__(self, config: ConvMAEConfig):
@@ -105,18 +103,18 @@ class ConvMAE(nn.Module):
         self, latent: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """latent [B, keep, D] -> pixel predictions [B, L, p*p*C] for every patch of the stage-3 grid."""
-        grid_size = tuple(grid_size or self.grid_size)
-        if grid_size == self.grid_size:
+        grid = grid_size or self.grid_size
+        if tuple(grid) == tuple(self.grid_size):
             pos = self.decoder_pos_embed
         else:
-            pos = sincos_2d(self.config.decoder_embed_dim, grid_size).unsqueeze(0).to(latent.device)
+            pos = sincos_2d(self.config.decoder_embed_dim, (grid[0], grid[1])).unsqueeze(0).to(latent.device)
         x = self.decoder_embed(latent)  # [B, keep, Dd]
         x = scatter_visible(x, mask, self.mask_token.flatten()) + pos.to(x.dtype)  # [B, L, Dd]
         return run_mae_decoder_blocks(self, x)
 
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> LossTerms:
         target = pixel_target(images, self.patch_size, self.config.norm_pix_loss)  # [B, L, p*p*C]
-        return masked_mse(pred, target, mask)
+        return LossTerms(masked_mse(pred, target, mask))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         grid = self.encoder.grid_for(images)
@@ -125,53 +123,8 @@ class ConvMAE(nn.Module):
         mask = mask.to(images.device)
         latent = self.forward_encoder(images, mask)  # [B, keep, D]
         pred = self.forward_decoder(latent, mask, grid)  # [B, L, p*p*C]
-        loss = self.forward_loss(images, pred, mask)
-        return MIMOutput(loss=loss, pred=pred, mask=mask, features=latent.mean(dim=1))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The authors' checkpoint layout (models_convmae.py): encoder keys at the top level (patch_embed1..4,
-# pos_embed, blocks1..3, stage1/2_output_decode, norm), decoder keys as MAE. mimkit nests the encoder under
-# `encoder.`; every tensor keeps its name and shape otherwise.
-
-OFFICIAL_ENCODER_PREFIXES = (
-    "patch_embed1.", "patch_embed2.", "patch_embed3.", "patch_embed4.", "pos_embed",
-    "blocks1.", "blocks2.", "blocks3.", "stage1_output_decode.", "stage2_output_decode.", "norm.",
-)  # fmt: skip
-OFFICIAL_DECODER_PREFIXES = (
-    "decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.",
-)  # fmt: skip
-
-
-def convmae_from_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an authors'-layout ConvMAE state dict (or a checkpoint holding it under "model") to mimkit keys.
-
-    Encoder keys gain the `encoder.` prefix; decoder keys are unchanged. A fine-tuned encoder checkpoint
-    (no decoder) maps too: load it with `model.load_state_dict(sd, strict=False)` or into `model.encoder`.
-    Keys of neither part (e.g. a classification `head`) raise an error naming them.
-    """
-    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
-        state_dict = state_dict["model"]
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        if key.startswith(OFFICIAL_ENCODER_PREFIXES):
-            out["encoder." + key] = value
-        elif key.startswith(OFFICIAL_DECODER_PREFIXES):
-            out[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"not a ConvMAE pretraining state dict: unexpected keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
-            "; drop classification-head keys (head.*, fc_norm.*) before importing"
-        )
-    return out
-
-
-def convmae_to_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `convmae_from_official_state_dict`: mimkit ConvMAE keys -> the authors' layout."""
-    return {k.removeprefix("encoder."): v for k, v in state_dict.items()}
+        loss, metrics = self.forward_loss(images, pred, mask)
+        return MIMOutput(loss=loss, pred=pred, mask=mask, metrics=metrics, features=latent.mean(dim=1))
 
 
 def _preset(**kw) -> ConvMAEConfig:

@@ -6,14 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..backbones.vit import VisionTransformer, scatter_visible
 from ..layers.patch_embed import to_2tuple
 from ..masking import MaskGenerator
 from ..registry import register_model
 from ..targets import masked_mse, pixel_target
-from .base import LossTerms, MIMOutput, add_mae_decoder, run_mae_decoder_blocks
+from .base import LossTerms, MAEDecoderFields, MIMOutput, add_mae_decoder, run_mae_decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class MAEConfig:
     norm_eps: float = 1e-6
 
 
-class MAE(nn.Module):
+class MAE(MAEDecoderFields):
     method = "mae"
 
     def __init__(self, config: MAEConfig):

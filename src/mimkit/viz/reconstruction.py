@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..targets import patch_stats, patchify, unpatchify
 
 
-def pixel_predictions(model, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+def pixel_predictions(model: Any, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """Turn a method's pixel predictions [B, L, p*p*C] back into normalised-image space [B, C, H, W].
 
     With norm-pix targets each predicted patch is un-normalised by the statistics of the same patch of
@@ -26,6 +27,15 @@ def pixel_predictions(model, images: torch.Tensor, pred: torch.Tensor) -> torch.
         mean, std = patch_stats(target)
         pred = pred * std + mean
     return unpatchify(pred, model.patch_size, model.grid_size, images.shape[1])
+
+
+def with_visible_patches(
+    model: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Pixel predictions [B, L, p*p*C] as images [B, C, H, W], the visible patches (mask False) taken from
+    `images`: what a reconstruction looks like next to the input."""
+    masked_px = _expand_mask(model, mask, images.shape[1])
+    return pixel_predictions(model, images, pred.float()) * masked_px + images * (1 - masked_px)
 
 
 def _to_display(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -58,9 +68,8 @@ def reconstruction_grid(
     masked_px = _expand_mask(model, mask, images.shape[1])  # [B, C, H, W]
     columns = {"original": images, "masked": images * (1 - masked_px) + masked_px * _gray(images, mean, std)}
     for name, pred in predictions.items():
-        recon = pixel_predictions(model, images, pred.float())
-        columns[name] = recon
-        columns[f"{name} + visible"] = recon * masked_px + images * (1 - masked_px)
+        columns[name] = pixel_predictions(model, images, pred.float())
+        columns[f"{name} + visible"] = with_visible_patches(model, images, pred, mask)
     titles = list(columns)
     rows = [[_to_display(columns[t][i], mean, std) for t in titles] for i in range(images.shape[0])]
     return titles, rows
