@@ -206,3 +206,30 @@ def test_sync_free_gather_and_scatter_match_boolean_indexing(shape):
     uneven[0] = True
     with pytest.raises(ValueError, match="same number"):
         vit._gather_by_index(tokens, uneven)
+
+
+def test_bench_runs_without_transformers(monkeypatch):
+    # `mimkit bench` on a plain install (no transformers): mimkit alone, a note saying why, and the machine
+    # (lscpu model line, bf16/AMX flags, matmul ceilings at 1 and 2 threads) in the report.
+    import sys
+
+    from mimkit.commands import bench
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert "not installed" in bench.transformers_missing() and bench.available_impls() == ("mimkit",)
+    monkeypatch.delitem(sys.modules, "transformers")
+    monkeypatch.setenv("MIMKIT_BENCH_NO_PEER", "1")  # the same for the worker processes
+    monkeypatch.setitem(bench.CONFIGS, "tiny_bs4", ("mae_vit_tiny_patch4_32", 4))
+    report = bench.run_benchmark(["tiny_bs4"], ["bf16"], rounds=1, warmup=0, steps=1, threads=1, memory=False)
+    assert report["peer"]["available"] is False and "mimkit alone" in report["peer"]["note"]
+    entry = report["results"]["tiny_bs4_bf16"]
+    assert entry["mimkit"]["img_per_s"] > 0 and "peer" not in entry and "speed_ratio" not in entry
+    cpu = report["machine"]["cpu"]
+    assert (
+        cpu["model_name"]
+        and set(cpu["flags"]) >= {"avx512_bf16", "amx_bf16"}
+        and isinstance(cpu["amx"], bool)
+    )
+    ceilings = report["matmul_ceilings_by_threads_gflops"]
+    assert set(ceilings) == {"fp32", "bf16"} and {"1", "2"} <= set(ceilings["bf16"])
+    assert all(v > 0 for by_threads in ceilings.values() for v in by_threads.values())

@@ -63,7 +63,13 @@ CPU_FLAGS = (
 
 def transformers_missing() -> str | None:
     """Why the Hugging Face peer cannot run here (None when it can)."""
-    if importlib.util.find_spec("transformers") is None:
+    if os.environ.get("MIMKIT_BENCH_NO_PEER"):
+        return "MIMKIT_BENCH_NO_PEER is set (--no-peer); mimkit alone"
+    try:
+        found = importlib.util.find_spec("transformers") is not None
+    except ValueError:  # a stub in sys.modules
+        found = False
+    if not found:
         return "transformers is not installed (it is a dev extra: pip install 'mimkit[dev]'); mimkit alone"
     return None
 
@@ -427,6 +433,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (median step time)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--no-peer", action="store_true", help="mimkit alone, even when transformers is installed")
     p.add_argument(
         "--adamw", choices=["default", "fused"], default="default", help="AdamW implementation (both sides)"
     )
@@ -442,6 +449,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.no_peer:
+        os.environ["MIMKIT_BENCH_NO_PEER"] = "1"  # the worker processes inherit it
+
     def progress(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
