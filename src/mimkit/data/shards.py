@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from braceexpand import braceexpand
 
 from .mim_dataset import MIMDataset, mix_seed
 
@@ -46,25 +46,11 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "mimkit-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
 
 def expand_braces(pattern: str) -> list[str]:
-    """`train-{0000..0099}.tar` -> 100 names (zero padding kept); `{a,b}` -> both; several braces combine."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    else:
-        options = body.split(",")
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    return [name for opt in options for name in expand_braces(head + opt + tail)]
+    """`train-{0000..0099}.tar` -> 100 names (zero padding kept); `{a,b}` -> both; several braces combine
+    (the `braceexpand` package, as webdataset expands its URLs)."""
+    return list(braceexpand(pattern))
 
 
 def resolve_shards(urls: str | os.PathLike | Iterable[str]) -> list[Path]:
@@ -92,14 +78,6 @@ def resolve_shards(urls: str | os.PathLike | Iterable[str]) -> list[Path]:
 # Writing
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible shards
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shards(
     samples: Iterable[tuple[bytes, str, int]],
     out_dir: str | os.PathLike,
@@ -107,41 +85,40 @@ def write_shards(
     prefix: str = "train",
     classes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write (image bytes, extension, label) samples into `{prefix}-{i:04d}.tar` of `shard_size` samples each.
+    """Write (image bytes, extension, label) samples into `{prefix}-{i:04d}.tar` of `shard_size` samples each
+    (`webdataset.ShardWriter`).
 
     Keys are the zero-padded global sample index; label < 0 writes no `.cls`. Each shard is written to a
-    temporary name and renamed when complete. Returns the index also written to `out_dir/index.json`.
+    hidden temporary name and renamed when complete; members carry mtime 0, so the same input gives the same
+    bytes. Returns the index also written to `out_dir/index.json`.
     """
+    import webdataset
+
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, Any]] = []
-    tar = None
-    tmp = final = None
+    counts: list[int] = []
 
-    def close() -> None:
-        if tar is not None:
-            tar.close()
-            os.replace(tmp, final)
+    def publish(tmp: str) -> None:  # ShardWriter calls this with each finished shard
+        os.replace(tmp, out / Path(tmp).name.removeprefix(".").removesuffix(".tmp"))
 
-    for index, (data, ext, label) in enumerate(samples):
-        if index % shard_size == 0:
-            close()
-            final = out / f"{prefix}-{len(shards):04d}.tar"
-            tmp = final.with_suffix(".tar.tmp")
-            tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-            shards.append({"name": final.name, "samples": 0})
-        key = f"{index:08d}"
-        _add(tar, f"{key}.{ext.lower().lstrip('.')}", data)
-        if label is not None and label >= 0:
-            _add(tar, f"{key}.cls", str(int(label)).encode())
-        shards[-1]["samples"] += 1
-    close()
+    pattern = str(out / f".{prefix}-%04d.tar.tmp")
+    with webdataset.ShardWriter(
+        pattern, maxcount=shard_size, post=publish, verbose=0, mtime=0, encoder=False, maxsize=float("inf")
+    ) as sink:
+        for index, (data, ext, label) in enumerate(samples):
+            sample = {"__key__": f"{index:08d}", ext.lower().lstrip("."): data}
+            if label is not None and label >= 0:
+                sample["cls"] = str(int(label)).encode()
+            sink.write(sample)
+            if index % shard_size == 0:
+                counts.append(0)
+            counts[-1] += 1
     index = {
         "format": INDEX_FORMAT,
-        "num_samples": sum(s["samples"] for s in shards),
-        "shards": shards,
+        "num_samples": sum(counts),
+        "shards": [{"name": f"{prefix}-{i:04d}.tar", "samples": n} for i, n in enumerate(counts)],
         "classes": list(classes or []),
     }
     (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
@@ -187,7 +164,8 @@ def folder_to_shards(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading
+# Reading (ours, not webdataset.WebDataset: a sample-level split that gives every rank the same count with any
+# number of shards, worker-count-independent order, and exact mid-epoch resume; webdataset splits by shard)
 
 
 def list_samples(path: str | os.PathLike) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
