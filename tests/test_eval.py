@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from mimkit.eval import (
     finetune,
     knn_predict,
     layer_decay_param_groups,
+    probe_optimizer,
     train_attentive_probe,
     train_linear_probe,
 )
@@ -95,6 +97,37 @@ def test_linear_probe_solves_separable_problem():
     assert result.accuracy > 0.99
     assert result.best_base_lr in FAST_LINEAR.base_lrs
     assert len(result.per_lr) == 3 and result.config["selected_on"] == "val"
+
+
+def test_lars_from_the_config_trains_the_probe():
+    x, y = gaussian_classes(2000, 5, 32, sep=3.0, seed=0)
+    xt, yt = gaussian_classes(500, 5, 32, sep=3.0, seed=1)
+    # LARS steps are ~0.001 * ||w|| / ||g|| of SGD's: it needs lrs of another scale (MAE: 0.1 * 16384 / 256)
+    lars = dataclasses.replace(FAST_LINEAR, optimizer="lars", base_lrs=(0.1, 10.0))
+    result = train_linear_probe(x, y, xt, yt, config=lars)
+    assert result.config["optimizer"] == "lars" and result.accuracy > 0.95
+    assert result.per_lr[0]["val_accuracy"] < 0.9  # at an SGD-sized lr LARS barely moves: the trust ratio acts
+
+
+def test_lars_step_is_the_layerwise_trust_ratio_on_matrices_and_sgd_on_biases():
+    """One step from zero momentum: w -= lr * 0.001 * ||w|| / ||g|| * g for the matrix, b -= lr * g for the bias
+    (MAE's LARS); SGD moves the matrix by lr * g instead."""
+    heads = nn.ModuleList([nn.Linear(6, 3)])
+    w0, b0 = heads[0].weight.detach().clone(), heads[0].bias.detach().clone()
+    g_w, g_b = torch.randn(3, 6), torch.randn(3)
+    for kind, expect_w in (
+        ("lars", w0 - 0.5 * 0.001 * w0.norm() / g_w.norm() * g_w),
+        ("sgd", w0 - 0.5 * g_w),
+    ):
+        with torch.no_grad():
+            heads[0].weight.copy_(w0)
+            heads[0].bias.copy_(b0)
+        heads[0].weight.grad, heads[0].bias.grad = g_w.clone(), g_b.clone()
+        probe_optimizer(heads, [0.5], kind).step()
+        torch.testing.assert_close(heads[0].weight.detach(), expect_w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(heads[0].bias.detach(), b0 - 0.5 * g_b)
+    with pytest.raises(ValueError, match="sgd' or 'lars"):
+        probe_optimizer(heads, [0.5], "adam")
 
 
 def test_linear_probe_reaches_bayes_accuracy():

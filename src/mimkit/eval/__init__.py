@@ -11,11 +11,10 @@ from .finetune import (
     set_trainable_blocks,
 )
 from .knn import knn_classify, knn_predict
-from .linear import LARS, LinearHeadBank, LinearProbeConfig, ProbeResult, train_linear_probe
+from .linear import LinearHeadBank, LinearProbeConfig, ProbeResult, probe_optimizer, train_linear_probe
 from .report import classification_metrics, confusion_matrix, write_results
 
 __all__ = [
-    "LARS",
     "AttentiveProbe",
     "AttentiveProbeConfig",
     "FinetuneClassifier",
@@ -31,6 +30,7 @@ __all__ = [
     "finetune",
     "get_encoder",
     "knn_classify",
+    "probe_optimizer",
     "knn_predict",
     "layer_decay_param_groups",
     "pool_tokens",

@@ -19,43 +19,25 @@ from torch import nn
 DEFAULT_BASE_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
-class LARS(torch.optim.Optimizer):
-    """Layer-wise adaptive rate scaling (You et al., 2017) with SGD momentum.
+def probe_optimizer(heads: nn.ModuleList, lrs: list[float], kind: str = "sgd") -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) or LARS over `heads`, head i at lr `lrs[i]` (each group also keeps it as peak_lr).
 
-    For every parameter with more than one dimension the update direction g (+ wd * p) is rescaled by
-    trust = eta * ||p|| / ||g|| (1 when either norm is 0); vectors (biases, norms) use plain SGD.
+    LARS is timm's `Lars`, set up as MAE's linear probe uses it: matrices get the layer-wise trust ratio
+    (0.001 * ||w|| / ||g||), biases plain SGD momentum; no weight decay.
     """
+    if kind not in ("sgd", "lars"):
+        raise ValueError(f"optimizer must be 'sgd' or 'lars', got {kind!r}")
+    if kind == "sgd":
+        groups = [{"params": list(h.parameters()), "lr": lr, "peak_lr": lr} for h, lr in zip(heads, lrs)]
+        return torch.optim.SGD(groups, lr=lrs[0], momentum=0.9, weight_decay=0.0)
+    from timm.optim import Lars
 
-    def __init__(
-        self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001
-    ):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if p.ndim > 1:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    p_norm, g_norm = torch.norm(p), torch.norm(g)
-                    trust = torch.where(
-                        (p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm, torch.ones_like(p_norm)
-                    )
-                    g = g.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = g.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
-        return loss
+    groups = [
+        {"params": [p], "lr": lr, "peak_lr": lr, "always_adapt": p.ndim > 1}
+        for h, lr in zip(heads, lrs)
+        for p in h.parameters()
+    ]
+    return Lars(groups, lr=lrs[0], momentum=0.9, weight_decay=0.0)
 
 
 class LinearHeadBank(nn.Module):
@@ -133,8 +115,6 @@ def train_linear_probe(
     train_features [N, D], train_labels [N], test_features [M, D], test_labels [M].
     """
     cfg = config or LinearProbeConfig()
-    if cfg.optimizer not in ("sgd", "lars"):
-        raise ValueError(f"optimizer must be 'sgd' or 'lars', got {cfg.optimizer!r}")
     x_all, y_all = train_features.float(), train_labels.long()
     x_test, y_test = test_features.float(), test_labels.long()
     num_classes = num_classes or int(max(y_all.max(), y_test.max())) + 1
@@ -146,9 +126,7 @@ def train_linear_probe(
     bank = LinearHeadBank(x.shape[1], num_classes, len(cfg.base_lrs), cfg.seed)
     batch = min(cfg.batch_size, len(x))
     lrs = [b * batch / 256 for b in cfg.base_lrs]
-    groups = [{"params": list(h.parameters()), "lr": lr, "peak_lr": lr} for h, lr in zip(bank.heads, lrs)]
-    opt_cls = LARS if cfg.optimizer == "lars" else torch.optim.SGD
-    opt = opt_cls(groups, lr=lrs[0], momentum=0.9, weight_decay=0.0)
+    opt = probe_optimizer(bank.heads, lrs, cfg.optimizer)
 
     steps_per_epoch = len(x) // batch  # drop the last partial batch (BatchNorm needs > 1 sample)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
