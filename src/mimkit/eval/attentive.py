@@ -7,13 +7,13 @@ eval mode (running statistics), unlike the authors' script which evaluates in tr
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.optim import cosine_lr
 from ..layers import attend
 from .linear import ProbeResult, split_train_val
 
@@ -121,11 +121,7 @@ def _train_one(
         probe.train()
         perm = torch.randperm(len(tokens), generator=gen)
         for i in range(steps_per_epoch):
-            scale = (
-                step / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
+            scale = cosine_lr(step, total, 1.0, warmup)
             for g in opt.param_groups:
                 g["lr"] = lr * scale
             idx = perm[i * batch : (i + 1) * batch]

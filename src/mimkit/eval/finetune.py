@@ -14,7 +14,6 @@ their drop-path and any BatchNorm statistics never change.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import get_encoder
+from ..engine.optim import cosine_lr
+from .features import get_encoder, pool_tokens
 
 
 class FinetuneClassifier(nn.Module):
@@ -44,7 +44,7 @@ class FinetuneClassifier(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.forward_features(images)  # [B, P + L, D]
-        return tokens[:, getattr(self.encoder, "num_prefix_tokens", 0) :].mean(dim=1)  # [B, D]
+        return pool_tokens(tokens, self.encoder.num_prefix_tokens, "mean")  # [B, D]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.fc_norm(self.forward_features(images)))  # [B, num_classes]
@@ -60,7 +60,7 @@ def layer_decay_param_groups(
     """
     encoder = model.encoder
     depth = encoder.num_layers
-    skip = set(encoder.no_weight_decay()) if hasattr(encoder, "no_weight_decay") else set()
+    skip = set(encoder.no_weight_decay())
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -239,11 +239,7 @@ def finetune(
 
             batches = tqdm(loader, desc=f"finetune epoch {epoch}", leave=False, dynamic_ncols=True)
         for images, *_, labels in batches:
-            if step < warmup:
-                cur = lr * step / warmup
-            else:
-                t = (step - warmup) / max(1, total - warmup)
-                cur = cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+            cur = cosine_lr(step, total, lr, warmup, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = cur * g["lr_scale"]
             images, labels = images.to(device), torch.as_tensor(labels).to(device)

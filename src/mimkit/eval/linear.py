@@ -9,12 +9,13 @@ set), and that head's test accuracy is reported — no hand-tuning.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..engine.optim import cosine_lr
 
 DEFAULT_BASE_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -140,11 +141,7 @@ def train_linear_probe(
         bank.train()
         perm = torch.randperm(len(x), generator=gen)
         for i in range(steps_per_epoch):
-            scale = (
-                step / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
+            scale = cosine_lr(step, total, 1.0, warmup)
             for g in opt.param_groups:
                 g["lr"] = g["peak_lr"] * scale
             idx = perm[i * batch : (i + 1) * batch]
