@@ -44,6 +44,10 @@ class ModuleLike(Protocol):
 
     def eval(self) -> Any: ...
 
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
 
 @runtime_checkable
 class Encoder(ModuleLike, Protocol):

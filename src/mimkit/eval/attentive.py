@@ -7,7 +7,9 @@ eval mode (running statistics), unlike the authors' script which evaluates in tr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import nn
 
 from ..engine.optim import cosine_lr
 from ..layers import attend
+from ..protocols import ModuleLike
 from .linear import ProbeResult, split_train_val
 
 
@@ -74,7 +77,7 @@ class AttentiveProbeConfig:
     seed: int = 0
 
 
-def encoder_num_heads(encoder: nn.Module, embed_dim: int) -> int:
+def encoder_num_heads(encoder: ModuleLike, embed_dim: int) -> int:
     """The head count of the encoder's last attention layer, else embed_dim // 64 (at least 1)."""
     for m in reversed(list(encoder.modules())):
         heads = getattr(m, "num_heads", None)
@@ -111,7 +114,7 @@ def _train_one(
     batch = min(cfg.batch_size, len(tokens))
     steps_per_epoch = len(tokens) // batch  # drop the last partial batch (BatchNorm needs > 1 sample)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    epochs = range(cfg.epochs)
+    epochs: Iterable[int] = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
 
@@ -158,7 +161,7 @@ def train_attentive_probe(
     tokens, labels = train_tokens[tr_idx], y_all[tr_idx]
     heads = cfg.num_heads or num_heads
     batch = min(cfg.batch_size, len(tokens))
-    runs = []
+    runs: list[dict[str, Any]] = []
     for base_lr in sorted(cfg.base_lrs):
         lr = base_lr * batch / 256
         probe = _train_one(tokens, labels, num_classes, heads, lr, cfg, progress)
@@ -186,5 +189,5 @@ def train_attentive_probe(
             "selected_on": "val" if len(val_idx) else "test",
         },  # fmt: skip
     )
-    result.model = best["probe"]  # for inspection (tests); not serialised
+    result.model = best["probe"]
     return result

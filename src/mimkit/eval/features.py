@@ -96,12 +96,12 @@ def extract_features(
     pass (dropout / drop-path off, BatchNorm uses its running stats and never updates them) and its previous
     mode is restored afterwards; no gradient is recorded.
     """
-    encoder = get_encoder(encoder)
-    pool = resolve_pool(encoder, pool)
-    prefix = encoder.num_prefix_tokens
+    net = get_encoder(encoder)
+    pool = resolve_pool(net, pool)
+    prefix = net.num_prefix_tokens
     device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval()
+    was_training = net.training
+    net.eval()
     feats, labels, tokens = [], [], []
     batches = _batches(data, batch_size, num_workers)
     if progress:
@@ -115,14 +115,14 @@ def extract_features(
         for batch in batches:
             images, y = batch[0], batch[-1]  # MIMDataset items are (image, mask, label)
             with autocast:
-                out = encoder.forward_features(images.to(device, non_blocking=True))  # [B, P + L, D]
+                out = net.forward_features(images.to(device, non_blocking=True))  # [B, P + L, D]
             out = out.float()
             feats.append(pool_tokens(out, prefix, pool).cpu())
             labels.append(torch.as_tensor(y).long().cpu())
             if keep_tokens:
                 tokens.append(out.to(token_dtype).cpu())
     finally:
-        encoder.train(was_training)
+        net.train(was_training)
     result = {"features": torch.cat(feats), "labels": torch.cat(labels)}
     if keep_tokens:
         result["tokens"] = torch.cat(tokens)

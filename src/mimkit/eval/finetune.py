@@ -15,8 +15,9 @@ their drop-path and any BatchNorm statistics never change.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ def set_trainable_blocks(model: FinetuneClassifier, blocks: int | None) -> list[
     full = blocks is None or blocks >= depth
     for p in model.parameters():
         p.requires_grad_(full)
-    if not full:
+    if blocks is not None and not full:
         for block in list(encoder.blocks)[depth - blocks :]:
             for p in block.parameters():
                 p.requires_grad_(True)
@@ -183,7 +184,7 @@ def predict(model: nn.Module, loader, device: torch.device) -> tuple[torch.Tenso
 
 def finetune(
     model: FinetuneClassifier,
-    train_data: torch.utils.data.Dataset,
+    train_data: Any,  # a Dataset with len()
     test_data: torch.utils.data.Dataset,
     num_classes: int,
     config: FinetuneConfig | None = None,
@@ -233,7 +234,7 @@ def finetune(
     for epoch in range(cfg.epochs):
         train_mode(model)
         losses = []
-        batches = loader
+        batches: Iterable[Any] = loader
         if progress:
             from tqdm.auto import tqdm
 

@@ -9,7 +9,9 @@ set), and that head's test accuracy is reported — no hand-tuning.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +49,17 @@ class LinearHeadBank(nn.Module):
     def __init__(self, in_dim: int, num_classes: int, num_heads: int, seed: int = 0):
         super().__init__()
         self.bn = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6)
-        self.heads = nn.ModuleList(nn.Linear(in_dim, num_classes) for _ in range(num_heads))
-        for head in self.heads:  # identical start for every head: only the lr differs between them
+        heads = [nn.Linear(in_dim, num_classes) for _ in range(num_heads)]
+        for head in heads:  # identical start for every head: only the lr differs between them
             nn.init.trunc_normal_(head.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
             nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleList(heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(x)  # [N, D]
-        weight = torch.stack([h.weight for h in self.heads])  # [H, C, D]
-        bias = torch.stack([h.bias for h in self.heads])  # [H, C]
+        heads = [cast(nn.Linear, h) for h in self.heads]
+        weight = torch.stack([h.weight for h in heads])  # [H, C, D]
+        bias = torch.stack([h.bias for h in heads])  # [H, C]
         return torch.einsum("nd,hcd->hnc", x, weight) + bias[:, None]  # [H, N, C]
 
 
@@ -79,6 +83,7 @@ class ProbeResult:
     val_accuracy: float | None = None
     per_lr: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    model: nn.Module | None = None  # the chosen probe, for inspection (tests); not serialised
 
 
 def split_train_val(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +136,7 @@ def train_linear_probe(
 
     steps_per_epoch = len(x) // batch  # drop the last partial batch (BatchNorm needs > 1 sample)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    epochs = range(cfg.epochs)
+    epochs: Iterable[int] = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
 

@@ -50,7 +50,7 @@ class DataSpec:
 class Transformed(torch.utils.data.Dataset):
     """(PIL image, label) items -> (transform(image), label)."""
 
-    def __init__(self, base: torch.utils.data.Dataset, transform):
+    def __init__(self, base: Any, transform: Any):
         self.base, self.transform = base, transform
         self.classes = getattr(base, "classes", None)
         self.num_classes = getattr(base, "num_classes", None)
@@ -68,7 +68,7 @@ def model_geometry(model: nn.Module) -> tuple[Any, int]:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "img_size") and hasattr(config, "in_chans"):
         return config.img_size, config.in_chans
-    encoder = get_encoder(model)
+    encoder: Any = get_encoder(model)  # beyond the contract: a ViT's patch embedding
     return encoder.patch_embed.img_size, encoder.in_chans
 
 
@@ -78,7 +78,7 @@ def model_display_name(model: nn.Module, model_key: dict) -> str:
 
     name = model_key.get("model")
     config = getattr(model, "config", None)
-    if name is None or config is None or not dataclasses.is_dataclass(config):
+    if name is None or config is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
         return str(name)
     return display_name(name, dataclasses.asdict(config))
 
@@ -106,8 +106,8 @@ def load_eval_model(
             "--random-init MODEL_NAME"
         )
     weights = read_weights(checkpoint) if checkpoint is not None else None
-    if random_init:
-        name, config = random_init, dict(overrides)
+    if random_init or weights is None:
+        name, config = random_init or "", dict(overrides)
     else:
         name, config = weights.model_name, {**weights.model_config, **overrides}
     if drop_path_rate is not None:
@@ -126,6 +126,7 @@ def load_eval_model(
             "config": {k: str(v) for k, v in config.items()},
         }
     else:
+        assert weights is not None and checkpoint is not None  # not random_init: a checkpoint was read
         model = build_method_model(weights, **config)
         key = {"model": name, "checkpoint": checkpoint_fingerprint(checkpoint)}
         if weights.kind != "model":
@@ -146,6 +147,8 @@ def labelled_data(
     from ..data import build_dataset
     from ..data.folder import PATH_HINT, labelled_splits
 
+    train: Any
+    test: Any
     if spec.source == "folder":
         if spec.path is None:
             raise ValueError(f"data source 'folder' needs the folder: {PATH_HINT}")
@@ -245,7 +248,7 @@ def probe_features(
     bf16: bool = False,
     device: str = "cpu",
     progress: bool = True,
-) -> tuple[dict, dict, list[str], int]:
+) -> tuple[dict, dict, list[str], int, dict[str, Any]]:
     """Frozen features of the train and test splits (cached), class names, number of classes and how the
     splits were made."""
     train, test, names, num_classes, how = eval_splits(model, spec)

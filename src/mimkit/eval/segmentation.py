@@ -28,7 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 
 from ..data.segmentation import IGNORE_INDEX
 from ..dense import build_neck, conv_ln, encoder_maps, map_specs
+from ..protocols import Encoder
 
 HEADS = ("linear", "fpn")
 HEAD_LRS = {"linear": 1e-2, "fpn": 3e-3}  # AdamW peak lrs from a short sweep (600 / 200 canvases, 8 epochs)
@@ -51,7 +52,7 @@ class LinearSegHead(nn.Module):
         self.bn = nn.BatchNorm2d(in_channels, affine=False)
         self.proj = nn.Conv2d(in_channels, num_classes * stride * stride, 1)
         nn.init.normal_(self.proj.weight, std=0.01)  # as linear probes: start near uniform predictions
-        nn.init.zeros_(self.proj.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.proj.bias))  # a 1x1 conv with bias
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return F.pixel_shuffle(self.proj(self.bn(maps[-1].float())), self.stride)
@@ -63,7 +64,7 @@ class FPNSegHead(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, channels: int = 64, min_stride: int = 2):
         super().__init__()
         self.neck = build_neck(encoder, channels, min_stride)
-        n = len(self.neck.strides)
+        n = len(cast(list[int], self.neck.strides))
         self.smooth = nn.ModuleList(conv_ln(channels, channels, 3) for _ in range(n - 1))
         self.fuse = nn.Sequential(conv_ln(n * channels, channels, 1), nn.GELU())
         self.classifier = nn.Conv2d(channels, num_classes, 1)
@@ -157,7 +158,7 @@ def tuned_parameters(encoder: nn.Module, blocks: int) -> list[nn.Parameter]:
     """Parameters after depth - blocks by the encoder's layer_id (the last `blocks` blocks, final norm)."""
     if blocks <= 0:
         return []
-    if not hasattr(encoder, "layer_id"):
+    if not isinstance(encoder, Encoder):
         raise ValueError(f"{type(encoder).__name__} has no layer_id; it cannot tune its last blocks")
     first = encoder.num_layers + 1 - blocks
     return [p for n, p in encoder.named_parameters() if p.requires_grad and encoder.layer_id(n) >= first]
@@ -202,6 +203,7 @@ def train_segmentation(
         val_miou = None
         if val is not None:
             conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+            assert cached is not None  # an lr sweep has a frozen encoder, its maps cached
             for s in range(0, len(val), 64):
                 idx = val[s : s + 64]
                 with torch.no_grad():
@@ -246,7 +248,7 @@ def _fit_head(
     """One head (and the tuned blocks) trained on train[fit]: AdamW, cosine from `lr` to 0."""
     torch.manual_seed(config.seed)
     head = build_head(config.head, encoder, num_classes, config.channels, config.min_stride).to(device)
-    groups = [{"params": list(head.parameters()), "lr": lr}]
+    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": lr}]
     if tuned:
         groups.append({"params": tuned, "lr": config.encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -318,8 +320,8 @@ def dense_datasets(spec: DenseSpec) -> tuple[Any, Any, list[str]]:
         make = lambda split, n: GarmentCanvas(  # noqa: E731
             split, n, spec.canvas_size, spec.max_garments, seed=spec.seed, root=spec.path
         )
-        train, test = make("train", spec.num_train), make("test", spec.num_test)
-        return train, test, train.classes
+        canvas_train, canvas_test = make("train", spec.num_train), make("test", spec.num_test)
+        return canvas_train, canvas_test, canvas_train.classes
     if spec.source != "folder":
         raise ValueError(f"dense data source must be 'canvas' or 'folder', got {spec.source!r}")
     if not spec.path:
@@ -327,6 +329,8 @@ def dense_datasets(spec: DenseSpec) -> tuple[Any, Any, list[str]]:
             "--data folder needs --data-path DIR (image + mask pairs, see `mimkit probe segment -h`)"
         )
     root = Path(spec.path).expanduser()
+    train: Any
+    test: Any
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = SegmentationFolder(root, "train"), SegmentationFolder(root, "test")
         classes = train.classes if len(train.classes) >= len(test.classes) else test.classes
@@ -448,7 +452,8 @@ def dense_encoder(
     from ..dense import PixelEncoder, encoder_at_size
     from .pipeline import load_eval_model, model_display_name
 
-    model = key = None
+    model: Any = None
+    key: dict[str, Any] = {}
     if checkpoint is not None or random_init:
         model, key = load_eval_model(checkpoint, random_init, seed=seed)
     in_chans = model.config.in_chans if model is not None else 1

@@ -53,7 +53,7 @@ def resize_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
-def _load(checkpoint: str | os.PathLike | dict | nn.Module) -> tuple[nn.Module, Weights | None, Path | None]:
+def _load(checkpoint: str | os.PathLike | dict | nn.Module) -> tuple[Any, Weights | None, Path | None]:
     """(method model in eval mode, what was read, the file it came from) for any mimkit file or object."""
     if isinstance(checkpoint, nn.Module):
         return checkpoint, None, None
@@ -65,11 +65,11 @@ def _load(checkpoint: str | os.PathLike | dict | nn.Module) -> tuple[nn.Module, 
     return build_method_model(weights), weights, Path(checkpoint)
 
 
-def _load_model(checkpoint: str | os.PathLike | dict | nn.Module) -> nn.Module:
+def _load_model(checkpoint: str | os.PathLike | dict | nn.Module) -> Any:
     return _load(checkpoint)[0]
 
 
-def _preprocessing(model: nn.Module, weights: Weights | None, img_size: Any = None) -> dict[str, Any]:
+def _preprocessing(model: Any, weights: Weights | None, img_size: Any = None) -> dict[str, Any]:
     """The model's preprocessing (see `loading.preprocessing`), at the export resolution."""
     config = dataclasses.asdict(model.config)
     if img_size is not None:
@@ -91,7 +91,7 @@ def _refuse_classifier(weights: Weights | None, fmt: str) -> None:
         )
 
 
-def _new_grid(model: nn.Module, img_size: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+def _new_grid(model: Any, img_size: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(old grid, new grid, new image size) for the encoder's patch grid."""
     pe = model.encoder.patch_embed
     new_img = to_2tuple(img_size) if img_size is not None else tuple(pe.img_size)
@@ -101,7 +101,7 @@ def _new_grid(model: nn.Module, img_size: Any) -> tuple[tuple[int, int], tuple[i
     return tuple(pe.grid_size), (new_img[0] // p[0], new_img[1] // p[1]), new_img
 
 
-def encoder_state_dict(model: nn.Module, img_size: Any = None) -> dict[str, torch.Tensor]:
+def encoder_state_dict(model: Any, img_size: Any = None) -> dict[str, torch.Tensor]:
     """The encoder's state dict (timm ViT names), position embedding resized to `img_size` if given."""
     sd = {k: v.detach().clone().contiguous() for k, v in model.encoder.state_dict().items()}
     if img_size is not None and not hasattr(model.encoder, "patch_embed"):
@@ -115,7 +115,7 @@ def encoder_state_dict(model: nn.Module, img_size: Any = None) -> dict[str, torc
     return sd
 
 
-def timm_spec(model: nn.Module, img_size: Any = None) -> tuple[str, dict[str, Any]]:
+def timm_spec(model: Any, img_size: Any = None) -> tuple[str, dict[str, Any]]:
     """(timm model name, create_model kwargs) for this model's encoder."""
     method = getattr(model, "method", None)
     c = model.config
@@ -247,7 +247,7 @@ def _results_beside(source: Path | None) -> list[dict[str, Any]]:
     return found
 
 
-def model_card(model: nn.Module, weights: Weights | None, source: Path | None, prep: dict[str, Any]) -> str:
+def model_card(model: Any, weights: Weights | None, source: Path | None, prep: dict[str, Any]) -> str:
     """README.md for an export: what it is, what it was trained on, how long, how it scored, how to load it."""
     from ..data.folder import describe_split
 
@@ -366,9 +366,9 @@ def export_safetensors(
     """Write `<out>.safetensors` (full model, encoder, or fine-tuned classifier) and `<out>.json` (mimkit
     config and preprocessing); `mimkit.load` reads the file back."""
     if not isinstance(checkpoint, (nn.Module, dict)):
-        weights = read_weights(checkpoint)
-        if weights.kind == "classifier":
-            return _export_classifier(weights, out, img_size)
+        read = read_weights(checkpoint)
+        if read.kind == "classifier":
+            return _export_classifier(read, out, img_size)
     model, weights, _ = _load(checkpoint)
     if weights is not None and weights.kind == "encoder":
         encoder_only = True  # the file never held a trained decoder
@@ -401,7 +401,7 @@ def _export_classifier(weights: Weights, out: str | os.PathLike, img_size: Any =
     if img_size is not None:
         raise ValueError("--img-size is not supported for a fine-tuned classifier; export it without")
     sd = {k: v.detach().contiguous() for k, v in weights.state_dict.items()}
-    meta = {
+    meta: dict[str, Any] = {
         "format": "mimkit/1",
         "model_name": weights.model_name,
         "model_config": weights.model_config,

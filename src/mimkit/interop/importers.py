@@ -84,7 +84,7 @@ def _state_dict_and_args(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor
     return sd, args
 
 
-def _with_decoder_and_recipe(cfg: dict, sd: dict, args: dict) -> dict:
+def _with_decoder_and_recipe(cfg: dict, sd: Mapping[str, torch.Tensor], args: dict) -> dict:
     """Add the MAE-style decoder sizes read off its weights and the recipe flags stored with the weights."""
     if "decoder_embed.weight" in sd:
         Dd = sd["decoder_embed.weight"].shape[0]
@@ -397,7 +397,7 @@ def import_checkpoint(
         )
     cfg.update(overrides)
     name = _preset_for(method, cfg, model)
-    net = create_model(name, **cfg)
+    net: Any = create_model(name, **cfg)  # a method (CAE: .teacher)
     own = net.state_dict()
     for key, value in sd.items():
         if key in own and own[key].shape != value.shape:

@@ -197,7 +197,7 @@ def build_method_model(weights: Weights, **overrides: Any) -> nn.Module:
     """
     from ..registry import create_model
 
-    model = create_model(weights.model_name, **{**weights.model_config, **overrides})
+    model: Any = create_model(weights.model_name, **{**weights.model_config, **overrides})  # + .mimkit_info
     if weights.kind == "model":
         model.load_state_dict(weights.state_dict, strict=True)
     else:
@@ -223,7 +223,7 @@ def info(weights: Weights) -> dict[str, Any]:
     }
 
 
-def eval_transform_for(module: nn.Module):
+def eval_transform_for(module: Any) -> Any:
     """The deterministic eval transform (PIL image -> normalised tensor) a `mimkit.load`ed module expects."""
     from ..data import eval_transform
 
@@ -240,7 +240,9 @@ def load(path: str | os.PathLike, eval_transform: bool = False) -> nn.Module | t
         from ..registry import create_model
 
         method = create_model(weights.model_name, **weights.model_config)
-        module: nn.Module = FinetuneClassifier(method, int(weights.meta["num_classes"]))
+        module: Any = FinetuneClassifier(
+            method, int(weights.meta["num_classes"])
+        )  # + .class_names, .mimkit_info
         module.load_state_dict(weights.state_dict, strict=True)
         module.class_names = list(weights.meta.get("class_names") or [])
     elif weights.kind == "encoder":
