@@ -106,7 +106,8 @@ def test_lars_from_the_config_trains_the_probe():
     lars = dataclasses.replace(FAST_LINEAR, optimizer="lars", base_lrs=(0.1, 10.0))
     result = train_linear_probe(x, y, xt, yt, config=lars)
     assert result.config["optimizer"] == "lars" and result.accuracy > 0.95
-    assert result.per_lr[0]["val_accuracy"] < 0.9  # at an SGD-sized lr LARS barely moves: the trust ratio acts
+    # at an SGD-sized lr LARS barely moves: the trust ratio acts
+    assert result.per_lr[0]["val_accuracy"] < 0.9
 
 
 def test_lars_step_is_the_layerwise_trust_ratio_on_matrices_and_sgd_on_biases():

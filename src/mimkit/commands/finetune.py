@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..eval.report import classification_metrics, write_results
     from ..interop.loading import CLASSIFIER_FORMAT, preprocessing
+    from ..protocols import as_method
 
     cfg = FinetuneConfig(
         epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr, weight_decay=args.weight_decay,
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": res["seconds"],
     }
     paths = write_results(result, out_dir)
-    model_config = dataclasses.asdict(model.config)
+    model_config = dataclasses.asdict(as_method(model).config)
     classifier_file = {
         "format": CLASSIFIER_FORMAT,
         "model_name": model_key.get("model"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 EPILOG = """examples:
   mimkit probe segment --checkpoint runs/mae_tiny_fmnist/checkpoint.pt            # garments on a 64-px canvas
@@ -34,8 +35,8 @@ def add_segment_parser(
     positional argument (knn / linear / attentive): then `probe segment ...` is handed, before the probe
     parser reads it, to the segment parser with its own options (the probe protocols' options differ).
     """
-    kwargs = dict(description=__doc__.split("\n\n")[1], epilog=EPILOG,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    kwargs: dict[str, Any] = dict(description=(__doc__ or "").split("\n\n")[1], epilog=EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     if isinstance(probe, argparse._SubParsersAction):
         p = probe.add_parser("segment", help=HELP, **kwargs)
     else:
@@ -97,7 +98,7 @@ def _dispatch_first_word(parser: argparse.ArgumentParser, word: str, target: arg
             return target.parse_known_args(args[1:], namespace)
         return own(args, namespace)
 
-    parser.parse_known_args = parse_known_args
+    setattr(parser, "parse_known_args", parse_known_args)  # noqa: B010  this instance's method, replaced
 
 
 def _cuda() -> bool:

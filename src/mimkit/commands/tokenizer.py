@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
+
+import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +63,7 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-class _Images:
+class _Images(torch.utils.data.Dataset):
     """(PIL, label) dataset -> transformed image tensors [C, H, W]."""
 
     def __init__(self, base, transform):
@@ -133,7 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from ..tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer(args.path)
+    tokenizer: Any = load_tokenizer(args.path)  # VQ or DALL-E: kind, codebook_size (+ config_dict for VQ)
     info = {
         "kind": tokenizer.kind,
         "codebook_size": tokenizer.codebook_size,

@@ -64,6 +64,7 @@ def visualize_model(
 ) -> Path:  # fmt: skip
     """Reconstruct `num_images` held-out images (seeded masks) and save the picture grid."""
     from ..data import build_dataset, default_mean_std, eval_transform
+    from ..protocols import ExtraReconstructions
     from ..viz import reconstruction_grid, save_reconstructions
 
     c = model.config
@@ -86,7 +87,7 @@ def visualize_model(
     mask = model.mask_generator(images.shape[0], generator=torch.Generator().manual_seed(seed)).to(device)
     was_training = model.training
     model.eval()
-    extra = model.extra_reconstructions(images, mask) if hasattr(model, "extra_reconstructions") else None
+    extra = model.extra_reconstructions(images, mask) if isinstance(model, ExtraReconstructions) else None
     titles, rows = reconstruction_grid(model, images, mask, mean, std, extra=extra)
     model.train(was_training)
     return save_reconstructions(titles, rows, out_path)

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def build_dataset(
     in_chans: int = 3,
     seed: int = 0,
     max_image_pixels: int | None = None,
-) -> torch.utils.data.Dataset:
+) -> Any:
     """A base dataset of (PIL image, int label) from `source`:
 
     - "folder": every image under `path` (or under `path/split` when that folder exists), recursively;
@@ -107,6 +108,7 @@ def build_dataset(
     max_image_pixels ("folder"): skip larger images with a warning, reading only their header (None: no cap
     beyond Pillow's own).
     """
+    dataset: Any
     if source == "folder":
         if path is None:
             raise ValueError(
@@ -209,7 +211,9 @@ def build_loader(
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor is not None else {}
+    extra: dict[str, Any] = (
+        {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor is not None else {}
+    )
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

@@ -58,9 +58,9 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def _scan(root: Path, extensions: tuple[str, ...]) -> list[tuple[str, int | str]]:
+def _scan(root: Path, extensions: tuple[str, ...]) -> list[tuple[str, str]]:
     """Sorted (path, top-level folder name or "" for files directly in root); hidden entries skipped."""
-    found: list[tuple[str, int | str]] = []
+    found: list[tuple[str, str]] = []
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)

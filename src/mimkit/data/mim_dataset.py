@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ class MIMDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        base: torch.utils.data.Dataset,
+        base: Any,  # a map-style dataset of (PIL image, label), with len()
         transform: Callable,
         mask_generator: Callable[..., torch.Tensor] | None = None,
         seed: int = 0,

@@ -10,18 +10,21 @@ num_samples, batch_size, num_workers, mean, std, min_crop_scale, max_image_pixel
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from ..protocols import MIMMethod
 from .checks import no_batch_message
 
 __all__ = ["build_pretrain_data", "check_readable", "micro_batches", "skipped_images_note"]
 
 
 def build_pretrain_data(
-    data: Any, model: torch.nn.Module, seed: int, rank: int = 0, world_size: int = 1
+    data: Any, model: MIMMethod, seed: int, rank: int = 0, world_size: int = 1
 ) -> tuple[torch.utils.data.DataLoader, Any, Any]:
     """(loader, dataset, position keeper): the dataset has set_epoch, the keeper set_epoch / set_start.
 
@@ -44,6 +47,7 @@ def build_pretrain_data(
     transform = pretrain_transform(
         mc.img_size, mc.in_chans, c.mean or mean, c.std or std, scale=(c.min_crop_scale, 1.0)
     )
+    dataset: Any
     if c.source == "shards":
         from .shards import ShardDataset
 
@@ -91,7 +95,7 @@ def micro_batches(
         epoch += 1
 
 
-def check_readable(base: torch.utils.data.Dataset, path: Any) -> None:
+def check_readable(base: Any, path: Any) -> None:
     """Fail early, in one line, when not one file of an image folder decodes (rather than in a worker)."""
     try:
         base[0]

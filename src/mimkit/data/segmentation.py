@@ -208,7 +208,7 @@ class DenseTransform:
         H, W = self.size
         image = to_mode(image, self.mode)
         if image.size != (W, H):
-            image = image.resize((W, H), Image.BILINEAR)
+            image = image.resize((W, H), Image.Resampling.BILINEAR)
             mask = torch.nn.functional.interpolate(mask[None, None].float(), size=(H, W), mode="nearest")
             mask = mask[0, 0].long()
         pixels = torch.from_numpy(np.array(image, dtype=np.float32) / 255.0)

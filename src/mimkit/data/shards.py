@@ -115,14 +115,14 @@ def write_shards(
             if index % shard_size == 0:
                 counts.append(0)
             counts[-1] += 1
-    index = {
+    summary = {
         "format": INDEX_FORMAT,
         "num_samples": sum(counts),
         "shards": [{"name": f"{prefix}-{i:04d}.tar", "samples": n} for i, n in enumerate(counts)],
         "classes": list(classes or []),
     }
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-    return index
+    (out / INDEX_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def folder_to_shards(
@@ -200,6 +200,13 @@ def shard_sizes(paths: list[Path]) -> tuple[list[int], list[str]]:
         n = indexes[folder].get(p.name)
         sizes.append(n if n is not None else len(list_samples(p)))
     return sizes, classes
+
+
+def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    member = tar.extractfile(info)
+    if member is None:  # list_samples keeps regular files only
+        raise ValueError(f"{info.name} in {tar.name!r} is not a regular file")
+    return member.read()
 
 
 class _Current(torch.utils.data.Dataset):
@@ -288,10 +295,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def epoch_plan(self) -> list[tuple[int, int]]:
         """This rank's (shard index, member index) sequence for the current epoch, ignoring set_start."""
         if self.shuffle:
-            order = torch.randperm(
-                len(self.paths), generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            )
-            order = order.tolist()
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(len(self.paths), generator=gen).tolist()
         else:
             order = list(range(len(self.paths)))
         lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
@@ -351,8 +356,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 key, files = listings[shard][member]
                 ext = next(e for e in IMAGE_EXTS if e in files)
                 try:
-                    img = self._decode(tars[shard].extractfile(files[ext]).read())
-                    label = int(tars[shard].extractfile(files["cls"]).read()) if "cls" in files else -1
+                    img = self._decode(_member_bytes(tars[shard], files[ext]))
+                    label = int(_member_bytes(tars[shard], files["cls"])) if "cls" in files else -1
                     last_good = (img, label)
                 except Exception as err:  # a corrupt member never stops a run
                     self.num_bad += 1

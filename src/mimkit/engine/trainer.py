@@ -71,7 +71,7 @@ class Trainer:
         self.model = create_model(cfg.model_name, **cfg.model_overrides).to(self.dist.device)
         self.method = as_method(self.model)
         self.train_loader, self.dataset, self.sampler = build_pretrain_data(
-            cfg.data, self.model, cfg.train.seed, self.dist.rank, self.dist.world_size
+            cfg.data, self.method, cfg.train.seed, self.dist.rank, self.dist.world_size
         )
         self.micro_per_epoch = len(self.train_loader)
         self.steps_per_epoch, self.total_steps, self.warmup_steps, self.global_batch, self.peak_lr = plan_run(

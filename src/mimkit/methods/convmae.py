@@ -104,9 +104,8 @@ class ConvMAE(MAEDecoderFields):
     ) -> torch.Tensor:
         """latent [B, keep, D] -> pixel predictions [B, L, p*p*C] for every patch of the stage-3 grid."""
         grid = grid_size or self.grid_size
-        if tuple(grid) == tuple(self.grid_size):
-            pos = self.decoder_pos_embed
-        else:
+        pos: torch.Tensor = self.decoder_pos_embed
+        if tuple(grid) != tuple(self.grid_size):
             pos = sincos_2d(self.config.decoder_embed_dim, (grid[0], grid[1])).unsqueeze(0).to(latent.device)
         x = self.decoder_embed(latent)  # [B, keep, Dd]
         x = scatter_visible(x, mask, self.mask_token.flatten()) + pos.to(x.dtype)  # [B, L, Dd]
