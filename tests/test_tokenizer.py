@@ -54,9 +54,9 @@ def test_ema_codebook_update_matches_hand_computation():
     tok.last_used.fill_(0)  # no restarts in this test
     tok.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     z = F.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.2, 1.0]]), dim=1)
-    ids = tok._nearest(z)
+    ids = tok.nearest_codes(z)
     assert ids.tolist() == [0, 0, 1]
-    tok._ema_update(z, ids)
+    tok.ema_update(z, ids)
     assert torch.allclose(tok.cluster_size, torch.tensor([1.0, 0.5]))  # 0.5 * 0 + 0.5 * counts
     assert torch.allclose(tok.embed_sum[0], 0.5 * (z[0] + z[1]))
     # Laplace-smoothed size of a code ~ its cluster size; the new code is the normalised mean direction
@@ -69,7 +69,7 @@ def test_unused_codes_are_restarted_on_batch_vectors():
     tok.last_used.fill_(0)
     tok.codebook.copy_(F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]), dim=1))
     z = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)  # codes 2 and 3 never win
-    restarted = [tok._ema_update(z, tok._nearest(z)) for _ in range(4)]
+    restarted = [tok.ema_update(z, tok.nearest_codes(z)) for _ in range(4)]
     assert restarted == [0, 0, 0, 2]  # unused for more than restart_after=2 steps
     for row in tok.codebook[2:]:  # now equal to one of the batch vectors
         assert min(float((row - v).norm()) for v in z) < 1e-6

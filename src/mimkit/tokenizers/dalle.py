@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +91,14 @@ class DalleEncoder(nn.Module):
         self.blocks = blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks["input"](x)
+        blocks: Any = self.blocks  # nested ModuleDicts, indexed by the authors' names
+        x = blocks["input"](x)
         for g in range(self.group_count):
-            for block in self.blocks[f"group_{g + 1}"].values():
+            for block in blocks[f"group_{g + 1}"].values():
                 x = block(x)
             if g < self.group_count - 1:
                 x = F.max_pool2d(x, 2)
-        return self.blocks["output"]["conv"](F.relu(x))
+        return blocks["output"]["conv"](F.relu(x))
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> DalleEncoder:
@@ -128,6 +130,8 @@ class DalleTokenizer(nn.Module):
     """
 
     kind = "dalle"
+    input_mean: torch.Tensor  # buffers [1, C, 1, 1], declared for the type checker
+    input_std: torch.Tensor
 
     def __init__(self, encoder: DalleEncoder, input_mean: Sequence[float] = (0.485, 0.456, 0.406),
                  input_std: Sequence[float] = (0.229, 0.224, 0.225)):  # fmt: skip
@@ -138,7 +142,8 @@ class DalleTokenizer(nn.Module):
 
     @property
     def codebook_size(self) -> int:
-        return self.encoder.blocks["output"]["conv"].w.shape[0]
+        blocks: Any = self.encoder.blocks
+        return blocks["output"]["conv"].w.shape[0]
 
     @property
     def downsample(self) -> int:

@@ -47,6 +47,12 @@ class _ResBlock(nn.Module):
 
 class VQTokenizer(nn.Module):
     kind = "vq"
+    # buffers (register_buffer), declared for the type checker
+    codebook: torch.Tensor
+    cluster_size: torch.Tensor
+    embed_sum: torch.Tensor
+    last_used: torch.Tensor
+    step: torch.Tensor
 
     def __init__(self, config: VQTokenizerConfig):
         super().__init__()
@@ -91,7 +97,7 @@ class VQTokenizer(nn.Module):
         return h // p, w // p
 
     # ------------------------------------------------------------------------------------------
-    def _nearest(self, z: torch.Tensor) -> torch.Tensor:
+    def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
         """[N, d] unit vectors -> [N] index of the nearest code (max cosine = min Euclidean on unit rows)."""
         return (z @ self.codebook.t()).argmax(dim=1)  # [N]
 
@@ -106,7 +112,7 @@ class VQTokenizer(nn.Module):
         Runs in float32 even under autocast, so ids do not depend on the training precision."""
         with torch.autocast(images.device.type, enabled=False):
             z = self._encode_vectors(images.float())  # [B, h, w, d]
-        return self._nearest(z.reshape(-1, z.shape[-1])).reshape(z.shape[0], -1)
+        return self.nearest_codes(z.reshape(-1, z.shape[-1])).reshape(z.shape[0], -1)
 
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -115,7 +121,7 @@ class VQTokenizer(nn.Module):
         return self.decoder(q)
 
     @torch.no_grad()
-    def _ema_update(self, z: torch.Tensor, ids: torch.Tensor) -> int:
+    def ema_update(self, z: torch.Tensor, ids: torch.Tensor) -> int:
         """EMA codebook update from [N, d] vectors and their [N] codes; restart dead codes -> their count."""
         c = self.config
         counts = torch.bincount(ids, minlength=c.codebook_size).float()  # [K]
@@ -142,10 +148,10 @@ class VQTokenizer(nn.Module):
         """Training step: images [B, C, H, W] -> (loss, metrics: mse, perplexity, dead_codes)."""
         z = self._encode_vectors(images)  # [B, h, w, d]
         flat = z.reshape(-1, z.shape[-1])  # [N, d]
-        ids = self._nearest(flat.detach())
+        ids = self.nearest_codes(flat.detach())
         q = self.codebook[ids].view_as(z)
         commit = F.mse_loss(z, q)
-        n_dead = self._ema_update(flat.detach(), ids) if self.training else 0
+        n_dead = self.ema_update(flat.detach(), ids) if self.training else 0
         q_st = z + (q - z).detach()  # straight-through estimator
         recon = self.decoder(q_st.permute(0, 3, 1, 2).to(images.dtype))
         mse = F.mse_loss(recon.float(), images.float())
@@ -167,7 +173,7 @@ def codebook_usage(tokenizer: VQTokenizer, batches: Iterable[torch.Tensor]) -> d
     for images in batches:
         ids = tokenizer.encode(images)
         hist += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.codebook_size).float()
-        recon = tokenizer.decode_ids(ids, tuple(tokenizer.grid_size(images.shape[-2:])))
+        recon = tokenizer.decode_ids(ids, tokenizer.grid_size(images.shape[-2:]))
         mse += F.mse_loss(recon.float(), images.float(), reduction="sum").item()
         n += images.numel()
     p = hist / hist.sum()
