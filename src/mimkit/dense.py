@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .protocols import Encoder, as_method
 
 __all__ = [
     "ConvPyramidNeck",
@@ -72,7 +75,7 @@ def output_convs(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(conv_ln(in_channels, out_channels, 1), conv_ln(out_channels, out_channels, 3))
 
 
-def encoder_maps(encoder: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+def encoder_maps(encoder: Any, images: torch.Tensor) -> list[torch.Tensor]:
     """The encoder's deepest map at each distinct stride, finest first, as NCHW maps (final norm applied).
 
     Picks, through `encoder.feature_info` and `encoder.forward_intermediates` (timm's contract), the last
@@ -86,7 +89,7 @@ def encoder_maps(encoder: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
     return encoder.forward_intermediates(images, indices=picks, norm=True, intermediates_only=True)
 
 
-def map_specs(encoder: nn.Module) -> list[tuple[int, int]]:
+def map_specs(encoder: Any) -> list[tuple[int, int]]:
     """(channels, stride) of each `encoder_maps` output, finest first."""
     last: dict[int, int] = {}
     for info in encoder.feature_info:
@@ -222,7 +225,7 @@ class PixelEncoder(nn.Module):
         return pixels.flatten(2).transpose(1, 2), [pixels]
 
 
-def encoder_at_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
+def encoder_at_size(model: Any, img_size: int | tuple[int, int]) -> nn.Module:
     """The encoder of a method model (`mimkit.create_model` / `mimkit.load`) for images of `img_size`.
 
     ConvMAE takes any size divisible by its stride as it is. A ViT is rebuilt at the new size with the same
@@ -237,8 +240,10 @@ def encoder_at_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Mod
     if not hasattr(encoder, "patch_embed") or tuple(encoder.patch_embed.img_size) == to_2tuple(img_size):
         return encoder
     config = dataclasses.asdict(model.config)
-    old = create_model(model.model_name, **config).encoder
-    new = create_model(model.model_name, **{**config, "img_size": to_2tuple(img_size)}).encoder
+    old: Any = as_method(create_model(model.model_name, **config)).encoder  # a ViT: pos_embed, grid_size
+    new: Any = as_method(
+        create_model(model.model_name, **{**config, "img_size": to_2tuple(img_size)})
+    ).encoder
     state = {k: v for k, v in encoder.state_dict().items()}
     if torch.allclose(state["pos_embed"], old.pos_embed, atol=1e-6):
         state["pos_embed"] = new.pos_embed.detach().clone()
@@ -253,7 +258,7 @@ def encoder_at_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Mod
 # ------------------------------------------------------------------------- weights for detection / segmentation
 
 
-def _vit_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+def _vit_state_dict(encoder: Any) -> dict[str, torch.Tensor]:
     if not hasattr(encoder, "cls_token"):
         raise ValueError(
             f"{type(encoder).__name__} is not a plain ViT (MAE / CAE encoder); ConvMAE's conv stages have no "
@@ -274,7 +279,7 @@ def _full_qkv_bias(sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor | N
     return None
 
 
-def to_mmseg_vit(encoder: nn.Module) -> dict[str, torch.Tensor]:
+def to_mmseg_vit(encoder: Encoder) -> dict[str, torch.Tensor]:
     """A mimkit ViT encoder (MAE or CAE) as mmsegmentation's `MAE` backbone names (`backbone.` prefix not
     included): patch_embed.projection, layers.N.{ln1, attn.qkv (full bias), attn.proj, gamma_1, ln2,
     ffn.layers.0.0, ffn.layers.1, gamma_2}, cls_token, pos_embed. Layer scales become gamma_1 / gamma_2 (ones
@@ -305,7 +310,7 @@ def to_mmseg_vit(encoder: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_detectron2_vit(encoder: nn.Module) -> dict[str, torch.Tensor]:
+def to_detectron2_vit(encoder: Encoder) -> dict[str, torch.Tensor]:
     """A mimkit ViT encoder (MAE or CAE) as detectron2 ViTDet's `ViT` names (prefix `backbone.net.` for a
     whole-model checkpoint): patch_embed.proj, pos_embed (class-token row kept: pretrain_use_cls_token=True),
     blocks.N.{norm1, attn.qkv (full bias), attn.proj, norm2, mlp.fc1, mlp.fc2}. ViTDet's ViT has no layer
