@@ -481,6 +481,8 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, dry: bool, batch_size: int, steps: int, out: str) -> None:
+    """One rank: each method's trainer (DDP-wrapped by the trainer itself) for a warm-up and `steps` steps on
+    this rank's own images, then a checksum of the weights gathered from every rank."""
     sys.stdout = sys.stderr  # the trainer's log lines; the parent prints the JSON
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                    "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}  # fmt: skip
@@ -489,34 +491,42 @@ def _ddp_worker(rank: int, world: int, port: int, dry: bool, batch_size: int, st
     import torch.distributed as dist
 
     device = torch.device("cpu") if dry else torch.device("cuda", rank)
-    result: dict[str, Any] = {"rank": rank}
-    runner = None
+    result: dict[str, Any] = {"rank": rank, "methods": {}}
+    runners = []  # closed at the end: closing one ends the process group the others share
     try:
-        runner = TrainerRunner("mae", dry, batch_size, device, False, os.path.join(out, f"rank{rank}"), 1e12)
-        result["backend"] = dist.get_backend()
-        result["ddp_wrapped"] = runner.trainer.ddp is not None
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images
-        images = torch.randn(batch_size, *_image_size(runner.trainer.model), generator=gen)
-        mask = runner.trainer.model.mask_generator(batch_size, gen)
-        runner.batches = itertools.repeat((images, mask, torch.zeros(batch_size, dtype=torch.long)))
-        runner.step()  # warm-up
-        _sync(device)
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(steps):
-            runner.step()
-        _sync(device)
-        result["step_s"] = (time.perf_counter() - start) / steps
-        flat = torch.cat([p.detach().double().flatten() for p in runner.trainer.model.parameters()])
-        checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(device)
-        gathered = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(gathered, checksum)
-        result["weights_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
-        result["checksum_max_abs_diff"] = max((g - gathered[0]).abs().max().item() for g in gathered)
-    except Exception as err:  # noqa: BLE001
-        result |= _error(err)
+        for method in METHODS:
+            entry: dict[str, Any] = {}
+            result["methods"][method] = entry
+            try:
+                runner = TrainerRunner(
+                    method, dry, batch_size, device, False, os.path.join(out, f"{method}{rank}"), 1e12
+                )
+                runners.append(runner)
+                result["backend"] = dist.get_backend()
+                entry["ddp_wrapped"] = runner.trainer.ddp is not None
+                gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images
+                images = torch.randn(batch_size, *_image_size(runner.trainer.model), generator=gen)
+                mask = runner.trainer.model.mask_generator(batch_size, gen)
+                runner.batches = itertools.repeat((images, mask, torch.zeros(batch_size, dtype=torch.long)))
+                runner.step()  # warm-up
+                _sync(device)
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    runner.step()
+                _sync(device)
+                entry["step_s"] = (time.perf_counter() - start) / steps
+                flat = torch.cat([p.detach().double().flatten() for p in runner.trainer.model.parameters()])
+                checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(device)
+                gathered = [torch.zeros_like(checksum) for _ in range(world)]
+                dist.all_gather(gathered, checksum)
+                entry["weights_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
+                entry["checksum_max_abs_diff"] = max((g - gathered[0]).abs().max().item() for g in gathered)
+            except Exception as err:  # noqa: BLE001
+                entry |= _error(err)
+                break  # the ranks may disagree on where they are: stop rather than hang in a collective
     finally:
-        if runner is not None:
+        for runner in runners[::-1]:
             with contextlib.suppress(Exception):
                 runner.close()
         with open(os.path.join(out, f"ddp_rank{rank}.json"), "w") as f:
@@ -537,10 +547,17 @@ def ddp_check(dry: bool, batch_size: int, steps: int, out_dir: str) -> dict[str,
     mp.spawn(_ddp_worker, args=(world, _free_port(), dry, batch_size, steps, out), nprocs=world, join=True)
     ranks = [json.load(open(os.path.join(out, f"ddp_rank{r}.json"))) for r in range(world)]
     result: dict[str, Any] = {"world_size": world, "ranks": ranks, "wall_s": time.perf_counter() - start}
-    if all("step_s" in r for r in ranks):
-        step_s = max(r["step_s"] for r in ranks)
-        result["img_per_s_total"] = world * batch_size / step_s
-        result["weights_identical_across_ranks"] = all(r.get("weights_identical_across_ranks") for r in ranks)
+    result["backend"] = ranks[0].get("backend")
+    for method in METHODS:
+        entries = [r["methods"].get(method, {}) for r in ranks]
+        if all("step_s" in e for e in entries):
+            result[method] = {
+                "img_per_s_total": world * batch_size / max(e["step_s"] for e in entries),
+                "weights_identical_across_ranks": all(e["weights_identical_across_ranks"] for e in entries),
+            }
+        else:
+            errors = [e["error"] for e in entries if "error" in e]
+            result[method] = {"error": errors[0] if errors else "not reached"}
     return result
 
 

@@ -233,3 +233,15 @@ def test_bench_runs_without_transformers(monkeypatch):
     ceilings = report["matmul_ceilings_by_threads_gflops"]
     assert set(ceilings) == {"fp32", "bf16"} and {"1", "2"} <= set(ceilings["bf16"])
     assert all(v > 0 for by_threads in ceilings.values() for v in by_threads.values())
+
+
+def test_compile_blocks_is_regional_and_keeps_the_state_dict():
+    # Only the transformer blocks are compiled (lazily, on first call; not run here: compiling takes a minute).
+    from mimkit.layers import Block, compile_blocks
+
+    model = mimkit.create_model("mae_vit_tiny_patch4_32", **SMALL)
+    keys = list(model.state_dict())
+    assert compile_blocks(model) is model and list(model.state_dict()) == keys
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and all(isinstance(m, Block) for m in compiled)
+    assert len(compiled) == SMALL["depth"] + SMALL["decoder_depth"]

@@ -49,6 +49,8 @@ CONFIGS: dict[str, tuple[str, int]] = {
 }
 DTYPES = ("fp32", "bf16")
 IMPLS = ("mimkit", "peer")
+COMPILED = "_compiled"  # suffix of an implementation run with its blocks compiled (`--compile`)
+COMPILE_CHOICES = {"none": (), "mimkit": ("mimkit",), "both": ("mimkit", "peer")}
 CPU_FLAGS = (
     "avx2",
     "avx512f",
@@ -180,9 +182,19 @@ def _rss_mb() -> float:
 class _Runner:
     """One implementation's model, optimizer and a fixed synthetic batch; `step()` times one train step."""
 
-    def __init__(self, impl: str, model_name: str, batch_size: int, dtype: str, adamw: str = "default"):
+    def __init__(
+        self,
+        impl: str,
+        model_name: str,
+        batch_size: int,
+        dtype: str,
+        adamw: str = "default",
+        compile: str = "none",
+    ):
         import mimkit
 
+        if impl.endswith(COMPILED):  # "mimkit_compiled", "peer_compiled": regional torch.compile
+            impl, compile = impl[: -len(COMPILED)], "blocks"
         self.impl, self.batch_size, self.bf16 = impl, batch_size, dtype == "bf16"
         torch.manual_seed(0)
         model = mimkit.create_model(model_name)
@@ -194,6 +206,10 @@ class _Runner:
         elif impl != "mimkit":
             raise ValueError(f"unknown implementation {impl!r}")
         self.model = model.train()
+        if compile == "blocks":
+            compile_transformer_blocks(model)
+        elif compile != "none":
+            raise ValueError(f"compile must be 'none' or 'blocks', got {compile!r}")
         kw = {"fused": True} if adamw == "fused" else {}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kw)
         size = c.img_size if isinstance(c.img_size, int) else c.img_size[0]
@@ -214,25 +230,44 @@ class _Runner:
         return time.perf_counter() - start
 
 
+def compile_transformer_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Regional torch.compile of mimkit's blocks (`mimkit.layers.compile_blocks`) or of Hugging Face's
+    `ViTMAELayer`s: the same treatment for both sides of the comparison."""
+    from ..layers import compile_blocks
+
+    compile_blocks(model)
+    for m in model.modules():
+        if type(m).__name__ == "ViTMAELayer":
+            m.compile()
+    return model
+
+
 def time_worker(
     model_name: str, batch_size: int, dtype: str, rounds: int, warmup: int, steps: int, adamw: str = "default",
-    impls: list[str] | None = None,
+    impls: list[str] | None = None, compile: str = "none",
 ) -> dict:  # fmt: skip
     """Both implementations in one process, alternating in blocks of `steps` steps (ABBA order) per round,
-    so machine-load drifts hit both alike. Returns per-round median step times."""
+    so machine-load drifts hit both alike. Returns per-round median step times and each one's first step
+    (with `compile`, its compile time is the first step less a median step)."""
     impls = tuple(impls or available_impls())
-    runners = {impl: _Runner(impl, model_name, batch_size, dtype, adamw) for impl in impls}
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner.step()
+    runners = {impl: _Runner(impl, model_name, batch_size, dtype, adamw, compile) for impl in impls}
+    first: dict[str, float] = {}
+    for impl, runner in runners.items():
+        compiled = compile != "none" or impl.endswith(COMPILED)
+        for i in range(max(warmup, 1 if compiled else 0)):  # a compiled run's first step compiles
+            t = runner.step()
+            if i == 0:
+                first[impl] = t
     step_s: dict[str, list[float]] = {impl: [] for impl in impls}
     for r in range(rounds):
         for impl in impls if r % 2 == 0 else impls[::-1]:
             step_s[impl].append(statistics.median(runners[impl].step() for _ in range(steps)))
-    return {"step_s_rounds": step_s}
+    return {"step_s_rounds": step_s, "first_step_s": first}
 
 
-def memory_worker(model_name: str, batch_size: int, dtype: str, impl: str, adamw: str = "default") -> dict:
+def memory_worker(
+    model_name: str, batch_size: int, dtype: str, impl: str, adamw: str = "default", compile: str = "none"
+) -> dict:
     """Peak RSS of `impl` alone in this fresh process: a warm-up step and two measured steps."""
     if transformers_missing() is None:
         import transformers  # noqa: F401  (imported on both sides so the RSS baselines match)
@@ -240,7 +275,7 @@ def memory_worker(model_name: str, batch_size: int, dtype: str, impl: str, adamw
     import mimkit  # noqa: F401
 
     baseline = _rss_mb()
-    runner = _Runner(impl, model_name, batch_size, dtype, adamw)
+    runner = _Runner(impl, model_name, batch_size, dtype, adamw, compile)
     for _ in range(3):
         runner.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -331,9 +366,11 @@ def run_benchmark(
     recipes: list[str] | None = None,
     recipe_steps: int = 60,
     recipe_log_every: int = 10,
+    compile: str = "none",
 ) -> dict:
     """Time mimkit and the peer alternating over `rounds` for every config x dtype (one process each),
     then measure each one's peak memory in its own fresh process; medians, ratios and % of the ceiling.
+    `compile` ("mimkit" or "both") adds the regionally compiled variants to the same alternation.
     Then train each recipe in `recipes` briefly through the trainer (its img/s, MFU and loader speed)."""
     from ..engine.perf import mae_flops_per_image, measure_matmul_ceiling
     from ..registry import model_config
@@ -341,7 +378,8 @@ def run_benchmark(
     say = progress or (lambda msg: None)
     if threads:
         torch.set_num_threads(threads)
-    impls = available_impls()
+    base = available_impls()
+    impls = base + tuple(i + COMPILED for i in COMPILE_CHOICES[compile] if i in base)
     missing = transformers_missing()
     ceiling = {
         "fp32": measure_matmul_ceiling(torch.float32),
@@ -351,7 +389,15 @@ def run_benchmark(
         "machine": machine_info(),
         "matmul_ceiling_gflops": {k: v / 1e9 for k, v in ceiling.items()},
         "matmul_ceilings_by_threads_gflops": matmul_ceilings((1, 2, torch.get_num_threads())),
-        "settings": {"rounds": rounds, "warmup": warmup, "steps": steps, "adamw": adamw, "threads": threads},
+        "settings": {
+            "rounds": rounds,
+            "warmup": warmup,
+            "steps": steps,
+            "adamw": adamw,
+            "threads": threads,
+            "compile": compile,
+            "implementations": list(impls),
+        },  # fmt: skip
         "peer": {"name": "transformers.ViTMAEForPreTraining (sdpa)", "available": missing is None}
         | ({"note": missing} if missing else {}),
         "results": {},
@@ -386,12 +432,20 @@ def run_benchmark(
                     "img_per_s_rounds": ips,
                     "pct_of_ceiling": 100 * med * flops / ceiling[dtype],
                 }
+                if impl.endswith(COMPILED) and impl in t.get("first_step_s", {}):
+                    entry[impl]["compile_s"] = t["first_step_s"][impl] - batch_size / med
                 say(f"{name} {dtype} {impl}: {med:.2f} img/s (rounds {[round(x, 2) for x in ips]})")
-            if "peer" in impls:
-                mimkit_r, peer_r = (entry[impl]["img_per_s_rounds"] for impl in IMPLS)
-                entry["speed_ratio"] = entry["mimkit"]["img_per_s"] / entry["peer"]["img_per_s"]
-                entry["speed_ratio_rounds"] = [m / p for m, p in zip(mimkit_r, peer_r)]
-                entry["speed_ratio_median_of_rounds"] = statistics.median(entry["speed_ratio_rounds"])
+            for ours, peer, key in (
+                ("mimkit", "peer", "speed_ratio"),
+                ("mimkit" + COMPILED, "peer", "speed_ratio_compiled"),
+                ("mimkit" + COMPILED, "peer" + COMPILED, "speed_ratio_both_compiled"),
+                ("mimkit" + COMPILED, "mimkit", "compiled_vs_eager"),
+            ):
+                if ours in impls and peer in impls:
+                    ours_r, peer_r = entry[ours]["img_per_s_rounds"], entry[peer]["img_per_s_rounds"]
+                    entry[key] = entry[ours]["img_per_s"] / entry[peer]["img_per_s"]
+                    entry[key + "_rounds"] = [m / p for m, p in zip(ours_r, peer_r)]
+                    entry[key + "_median_of_rounds"] = statistics.median(entry[key + "_rounds"])
             if memory:
                 for impl in impls:
                     args = ("memory", model_name, batch_size, dtype, impl, adamw)
@@ -404,6 +458,8 @@ def run_benchmark(
                         ("peak_live_delta_mb", "memory_ratio_live"),
                     ):
                         entry[ratio] = entry["mimkit"][key] / entry["peer"][key]
+                        if "mimkit" + COMPILED in impls:
+                            entry[ratio + "_compiled"] = entry["mimkit" + COMPILED][key] / entry["peer"][key]
                     say(f"{name} {dtype}: peak-memory ratio {entry['memory_ratio']:.2f} "
                         f"(live {entry['memory_ratio_live']:.2f})")  # fmt: skip
             report["results"][f"{name}_{dtype}"] = entry
@@ -435,6 +491,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-peer", action="store_true", help="mimkit alone, even when transformers is installed")
     p.add_argument(
+        "--compile", choices=list(COMPILE_CHOICES), default="none",
+        help="also time regionally compiled blocks (torch.compile per block; compile time reported) of mimkit "
+        "('mimkit') or of both ('both'), alternating with the eager runs",
+    )  # fmt: skip
+    p.add_argument(
         "--adamw", choices=["default", "fused"], default="default", help="AdamW implementation (both sides)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
@@ -458,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = run_benchmark(
         args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress, args.threads,
-        not args.no_memory, args.adamw, args.recipes, args.recipe_steps, args.recipe_log_every,
+        not args.no_memory, args.adamw, args.recipes, args.recipe_steps, args.recipe_log_every, args.compile,
     )  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)

@@ -1,7 +1,7 @@
 """Small typed building blocks shared by every backbone and method."""
 
 from .attention import Attention, attend, set_fused_attention
-from .block import Block, set_selective_checkpointing
+from .block import Block, compile_blocks, set_selective_checkpointing
 from .drop_path import DropPath
 from .mlp import LayerScale, Mlp
 from .patch_embed import PatchEmbed, to_2tuple
@@ -15,6 +15,7 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "attend",
+    "compile_blocks",
     "set_fused_attention",
     "set_selective_checkpointing",
     "sincos_1d",
