@@ -79,7 +79,7 @@ def depthwise_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
             out = F.conv2d(
-                x.float().permute(0, 3, 1, 2), conv.weight.float(), conv.bias.float(), conv.stride, conv.padding,
+                x.float().permute(0, 3, 1, 2), conv.weight.float(), None if conv.bias is None else conv.bias.float(), conv.stride, conv.padding,
                 conv.dilation, conv.groups,
             )  # fmt: skip
         return out.permute(0, 2, 3, 1).to(dtype)

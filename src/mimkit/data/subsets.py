@@ -45,6 +45,7 @@ def per_class_counts(
     classes, sizes = np.unique(np.asarray(labels, dtype=np.int64), return_counts=True)
     if per_class is not None:
         return {int(c): min(per_class, int(n)) for c, n in zip(classes, sizes)}
+    assert fraction is not None  # exactly one of the two was given
     return {int(c): max(1, min(int(n), round(fraction * int(n)))) for c, n in zip(classes, sizes)}
 
 

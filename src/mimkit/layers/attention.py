@@ -44,6 +44,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.fused = True
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)
+        self.q_bias: nn.Parameter | None
+        self.v_bias: nn.Parameter | None
         if qkv_bias == "qv":
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -54,8 +56,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [B, N, D]."""
         B, N, D = x.shape
-        bias = self.qkv.bias
-        if self.q_bias is not None:
+        bias: torch.Tensor | None = self.qkv.bias
+        if self.q_bias is not None and self.v_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias)  # [B, N, 3D]
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(
@@ -69,5 +71,5 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> nn.Module:
     """Switch every attention layer in `module` between fused SDPA and the exact math path."""
     for m in module.modules():
         if hasattr(m, "fused"):
-            m.fused = enabled
+            setattr(m, "fused", enabled)  # noqa: B010  a plain attribute (nn.Module's __setattr__ is typed for tensors)
     return module

@@ -40,4 +40,5 @@ class PatchEmbed(nn.Module):
         # As a Linear over the flattened kernel (MAE): xavier-uniform on [D, C*p*p].
         w = self.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.proj.bias)
+        if self.proj.bias is not None:  # always (bias=True); for the type checker
+            nn.init.zeros_(self.proj.bias)
