@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -96,10 +97,10 @@ def cpu_info() -> dict[str, Any]:
             with open("/proc/cpuinfo") as f:
                 for line in f:
                     key, _, value = line.partition(":")
-                    key = {"model name": "Model name", "flags": "Flags", "cpu family": "CPU family",
-                           "model": "Model", "vendor_id": "Vendor ID"}.get(key.strip())  # fmt: skip
-                    if key and key not in fields:
-                        fields[key] = value.strip()
+                    name = {"model name": "Model name", "flags": "Flags", "cpu family": "CPU family",
+                            "model": "Model", "vendor_id": "Vendor ID"}.get(key.strip())  # fmt: skip
+                    if name and name not in fields:
+                        fields[name] = value.strip()
         except OSError:
             pass
     flags = set(fields.get("Flags", "").split())
@@ -150,7 +151,7 @@ def hf_config(mimkit_config: Any):
     h, w = to_2tuple(c.img_size)
     if h != w:
         raise ValueError("the Hugging Face peer supports square images only")
-    return ViTMAEConfig(
+    return ViTMAEConfig(  # type: ignore[call-arg]  # transformers 5 takes attn_implementation through its config machinery, not the signature
         image_size=h,
         patch_size=c.patch_size,
         num_channels=c.in_chans,
@@ -192,13 +193,14 @@ class _Runner:
         compile: str = "none",
     ):
         import mimkit
+        from mimkit.protocols import as_method
 
         if impl.endswith(COMPILED):  # "mimkit_compiled", "peer_compiled": regional torch.compile
             impl, compile = impl[: -len(COMPILED)], "blocks"
         self.impl, self.batch_size, self.bf16 = impl, batch_size, dtype == "bf16"
         torch.manual_seed(0)
         model = mimkit.create_model(model_name)
-        self.config = c = model.config
+        self.config = c = as_method(model).config
         if impl == "peer":
             from transformers import ViTMAEForPreTraining
 
@@ -210,7 +212,7 @@ class _Runner:
             compile_transformer_blocks(model)
         elif compile != "none":
             raise ValueError(f"compile must be 'none' or 'blocks', got {compile!r}")
-        kw = {"fused": True} if adamw == "fused" else {}
+        kw: dict[str, Any] = {"fused": True} if adamw == "fused" else {}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kw)
         size = c.img_size if isinstance(c.img_size, int) else c.img_size[0]
         self.images = torch.randn(batch_size, c.in_chans, size, size)
@@ -244,7 +246,7 @@ def compile_transformer_blocks(model: torch.nn.Module) -> torch.nn.Module:
 
 def time_worker(
     model_name: str, batch_size: int, dtype: str, rounds: int, warmup: int, steps: int, adamw: str = "default",
-    impls: list[str] | None = None, compile: str = "none",
+    impls: Sequence[str] | None = None, compile: str = "none",
 ) -> dict:  # fmt: skip
     """Both implementations in one process, alternating in blocks of `steps` steps (ABBA order) per round,
     so machine-load drifts hit both alike. Returns per-round median step times and each one's first step
@@ -349,7 +351,12 @@ def _worker_main(spec: str) -> None:
     threads, kind, *args = json.loads(spec)
     if threads:
         torch.set_num_threads(threads)
-    fn = {"time": time_worker, "memory": memory_worker, "recipe": recipe_worker}[kind]
+    workers: dict[str, Callable[..., Any]] = {
+        "time": time_worker,
+        "memory": memory_worker,
+        "recipe": recipe_worker,
+    }
+    fn = workers[kind]
     print(json.dumps(fn(*args)))
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 _keep_matmul_outputs = functools.partial(create_selective_checkpoint_contexts, _policy)
 # What the checkpoint keeps goes through saved-tensor hooks (save_on_cpu, memory accounting) where torch
 # offers the choice; older releases bypass them.
-_SAC_HOOKS = (
+_SAC_HOOKS: dict[str, Any] = (
     {"respect_saved_tensors_hooks": True}
     if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
     else {}
