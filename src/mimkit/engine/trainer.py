@@ -14,9 +14,7 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import random
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,23 +28,14 @@ from ..data.pretrain import skipped_images_note
 from ..errors import LIKELY_CAUSES, NonFiniteLossError
 from ..protocols import AfterOptimizerStep, as_method
 from ..registry import create_model
-from .checkpoint import (
-    check_resume,
-    load_checkpoint,
-    load_model_weights,
-    load_optimizer_state,
-    model_state,
-    model_weights,
-    optimizer_state,
-    prepare_output_dir,
-    write_checkpoint,
-)
+from .checkpoint import prepare_output_dir, write_checkpoint
 from .config import Config, save_config
 from .distributed import DistInfo, all_finite, all_reduce_mean, barrier, cleanup, init_distributed
 from .logger import StepMetrics, TrainingLog, run_summary
 from .online_probe import build_online_probe
 from .optim import build_adamw, cosine_lr, plan_run
 from .perf import flops_and_ceiling
+from .run_state import resume_training, training_state
 from .signals import StopSignals, stopped_message
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "StopSignals", "Trainer", "step_seed"]
@@ -116,37 +105,11 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The full training state, in a single-process layout; under FSDP a collective (rank 0 gets it)."""
-        return {
-            **model_state(self.model, model_weights(self.model)),
-            "optimizer": optimizer_state(self.trained, self.optimizer),
-            "online_probe": model_weights(self.online_probe) if self.online_probe else None,
-            "step": self.step,
-            "micro_done": self.micro_done,
-            "epoch": self.micro_done // self.micro_per_epoch,
-            "batch_in_epoch": self.micro_done % self.micro_per_epoch,
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
-            "config": self.cfg.to_dict(),
-            "world_size": self.dist.world_size,
-        }
+        return training_state(self)
 
     def _resume(self, where: str) -> None:
-        path = self.out_dir / "checkpoint.pt" if where == "auto" else Path(where)
-        if where == "auto" and not path.exists():
-            return
-        ckpt = load_checkpoint(path)
-        model_config = dataclasses.asdict(self.method.config)
-        differences = check_resume(ckpt, path, self.cfg.to_dict(), self.dist.world_size, model_config)
-        if differences:
-            self._log(f"resuming despite different {', '.join(differences)} (train.resume_force)")
-        load_model_weights(self.model, ckpt["model"])
-        if self.online_probe is not None and ckpt.get("online_probe"):
-            self.online_probe.load_state_dict(ckpt["online_probe"])
-        load_optimizer_state(self.trained, self.optimizer, ckpt["optimizer"])
-        self.step, self.micro_done = int(ckpt["step"]), int(ckpt["micro_done"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if path.resolve() == (self.out_dir / "checkpoint.pt").resolve():
-            self.last_saved_step = self.step
-        self._log(f"resumed from {path} at step {self.step}")
+        if (resumed := resume_training(self, where)) is not None:
+            self._log(resumed)
 
     def save(self, name: str = "checkpoint.pt", export: bool = False) -> Path:
         """Write the training state (rank 0) and, with `export`, the encoder as safetensors beside it.
@@ -161,9 +124,7 @@ class Trainer:
                 f"({self._kept_checkpoint()}); {LIKELY_CAUSES}"
             )
         state = self.state_dict()  # every rank takes part (FSDP gathers), rank 0 writes
-        if (
-            self.dist.is_main
-        ):  # with `export`, the encoder as `mimkit export --format safetensors --encoder-only`
+        if self.dist.is_main:  # `export`: the encoder, as `mimkit export --format safetensors --encoder-only`
             encoder = self.out_dir / "encoder.safetensors" if export else None
             write_checkpoint(state, path, encoder, self.method.method)
         if name == "checkpoint.pt":
