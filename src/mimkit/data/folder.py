@@ -78,6 +78,8 @@ def _scan(root: Path, extensions: tuple[str, ...]) -> list[tuple[str, str]]:
     return found
 
 
+# Ours, not torchvision's ImageFolder: images at any depth and directly in the root, bad files skipped
+# deterministically (and counted across workers), and labels fixed by a given class list.
 class ImageFolder(torch.utils.data.Dataset):
     """Every image under `root` (recursively); item i -> (PIL image in mode "L" or "RGB", int label).
 

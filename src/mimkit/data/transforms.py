@@ -65,6 +65,7 @@ class ResizeCover:
         return f"ResizeCover({self.size})"
 
 
+# Ours, not torchvision's ToTensor + Normalize: one pass instead of two over every image.
 class ToNormalizedTensor:
     """PIL image -> float32 tensor [C, H, W] = (pixel / 255 - mean) / std, i.e. ToTensor + Normalize fused
     into one pass (several times faster on small images, where the data loader is the bottleneck)."""

@@ -7,6 +7,9 @@ method's config dataclass for `model.*`) and its allowed range (`RULES`, `MODEL_
 `ConfigError` with one line naming the key, the value and what is allowed; `mimkit pretrain` prints it and
 exits 2 before anything is built.
 
+Ours, not Hydra / OmegaConf: dataclasses plus one YAML file give typed keys and one-line errors naming the
+key, the value and the allowed range, with no extra dependency.
+
 The resolved config is written next to the results (`config.yaml` in the run directory) and stored in
 every checkpoint.
 """

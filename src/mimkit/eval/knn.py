@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Ours, not sklearn's KNeighborsClassifier: the DINO/MAE temperature-weighted vote, batched on the GPU, and
+# no sklearn at run time.
+
 
 @torch.no_grad()
 def knn_predict(
