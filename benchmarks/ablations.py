@@ -115,6 +115,13 @@ SWEEPS: dict[str, Sweep] = {
         "later versions — the choice matters little compared with the regressor and alignment",
         "pixel",
     ),
+    "cae_masking": Sweep(
+        CAE,
+        [("block (recipe)", {}), ("random", {"mask_kind": "random"})],
+        "Not a paper table: CAE uses BEiT-style block-wise masking; on the tiny preset's 8x8 grid its blocks of at "
+        "least 16 patches leave one or two large holes (docs/fidelity.md), and MAE found random masking best",
+        "block (recipe)",
+    ),
     "convmae_masked_conv": Sweep(
         CONVMAE,
         [("masked conv on", {"masked_conv": True}), ("masked conv off (leaky)", {"masked_conv": False})],
@@ -135,7 +142,13 @@ PARTIAL_FT_PAPER = (
     "MAE Fig. 9 (ViT-L): partial fine-tuning of 1 block lifts MAE from 73.5 (linear) to 81.0; a few blocks get "
     "close to full fine-tuning — MAE's features are strong but non-linear"
 )
-ALL_SWEEPS = [*SWEEPS, PARTIAL_FT]
+FEATURES = "feature_recipes"
+FEATURES_NOTE = (
+    "Not a paper ablation: which frozen features of the same encoder read out best with kNN and a linear probe "
+    "(class token, mean of the patch tokens, one block's mean-pooled tokens with the final norm, the "
+    "concatenation of the last k blocks), against kNN / logistic regression on raw pixels on the same images"
+)
+ALL_SWEEPS = [*SWEEPS, PARTIAL_FT, FEATURES]
 
 
 def effective_config(name: str, overrides: dict) -> dict:
@@ -180,6 +193,7 @@ def run_point(name: str, overrides: dict, out: Path, args, spec) -> dict:
     )  # fmt: skip
     all_overrides = {**args.extra, **overrides}
     facts = quality.pretrain(name, args.budget, run_dir, pargs, all_overrides)
+    (run_dir / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
     t0 = time.process_time()
     probes = quality.evaluate(facts["checkpoint"], False, spec, out / "feature_cache", pargs)
     return {
@@ -220,11 +234,103 @@ def partial_ft(checkpoint: str, args, out: Path) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def block_features(encoder, dataset, bf16: bool = True, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Pooled features of every block of a frozen encoder over `dataset` (items (image, label)):
+    {"block{i}": [N, D] mean of block i's tokens after the final norm (ConvMAE: its stages 1-2 too, as
+    "stage1" / "stage2", without norm), "cls": [N, D] the class token of the output (ViTs), "labels": [N]}."""
+    from mimkit.eval.features import get_encoder
+
+    encoder = get_encoder(encoder).eval()
+    prefix = getattr(encoder, "num_prefix_tokens", 0)
+    names = [f["module"] for f in getattr(encoder, "feature_info", [])]
+    out: dict[str, list[torch.Tensor]] = {}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    for images, labels in loader:
+        with label_efficiency.autocast(bf16):
+            final, inter = encoder.forward_intermediates(images, norm=True, output_fmt="NLC")
+        if prefix:
+            out.setdefault("cls", []).append(final[:, 0].float())
+        for i, y in enumerate(inter):
+            name = names[i] if i < len(names) else f"feature{i}"
+            name = name.replace("blocks.", "block").replace("stages.", "stage")
+            out.setdefault(name, []).append(y.float().mean(dim=1))
+        out.setdefault("labels", []).append(torch.as_tensor(labels).long())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def pretrain_summary(checkpoint: str) -> str:
+    """'6.0 CPU-min, 1328 steps' from the facts a pretraining run left beside (or above) its checkpoint."""
+    for folder in (Path(checkpoint).parent, Path(checkpoint).parent.parent):
+        for fname in ("facts.json", "pretrain_facts.json"):
+            if (folder / fname).is_file():
+                facts = json.loads((folder / fname).read_text())
+                if "steps" not in facts:  # {model name: facts} of several runs
+                    facts = next((v for k, v in facts.items() if k in checkpoint), {})
+                if "steps" in facts:
+                    return f"{facts['seconds'] / 60:.1f} CPU-min, {facts['steps']} steps"
+    return "given checkpoint"
+
+
+def feature_recipes(checkpoint: str, spec, args) -> list[dict]:
+    """kNN and linear probe of several read-outs of one frozen encoder (see FEATURES_NOTE)."""
+    import torch.nn.functional as F
+
+    from mimkit.eval.knn import knn_classify
+    from mimkit.eval.linear import LinearProbeConfig, train_linear_probe
+    from mimkit.eval.pipeline import eval_datasets, load_eval_model
+
+    model, _ = load_eval_model(checkpoint)
+    train, test, _, num_classes = eval_datasets(model, spec)
+    t0 = time.process_time()
+    tr, te = block_features(model, train), block_features(model, test)
+    extract = time.process_time() - t0
+    blocks = [k for k in tr if k.startswith("block")]
+    variants = {"cls": ["cls"]} if "cls" in tr else {}
+    variants |= {k: [k] for k in tr if k not in ("labels", "cls")}
+    for k in (2, 3, 4):
+        if len(blocks) >= k:
+            variants[f"concat last {k} blocks"] = blocks[-k:]
+    if "cls" in tr:
+        variants["cls + last block mean"] = ["cls", blocks[-1]]
+    rows = []
+    for label, parts in variants.items():
+        t1 = time.process_time()
+        # every part unit-normalised before concatenation, so kNN's cosine weighs the parts equally
+        x = torch.cat([F.normalize(tr[p], dim=-1) for p in parts], dim=-1)
+        xt = torch.cat([F.normalize(te[p], dim=-1) for p in parts], dim=-1)
+        knn = knn_classify(
+            x, tr["labels"], xt, te["labels"], k=20, temperature=0.07, num_classes=num_classes
+        )[0]
+        lin = train_linear_probe(
+            x, tr["labels"], xt, te["labels"], num_classes,
+            LinearProbeConfig(epochs=args.linear_epochs, seed=args.seed), False,
+        )  # fmt: skip
+        rows.append({"label": label, "parts": parts, "dims": x.shape[1], "knn": knn, "linear": lin.accuracy,
+                     "linear_best_base_lr": lin.best_base_lr, "cpu_seconds": time.process_time() - t1})  # fmt: skip
+        print(
+            f"[ablations] features {label}: kNN {100 * knn:.1f}, linear {100 * lin.accuracy:.1f}", flush=True
+        )
+    return [{"label": "_extraction", "cpu_seconds": extract}] + rows
+
+
 def tables(results: dict) -> str:
     out = []
     for sweep, s in results["sweeps"].items():
         out.append(f"### {sweep}\n\n{s['paper']}\n")
-        if sweep == PARTIAL_FT:
+        if sweep == FEATURES:
+            px = s.get("pixels", {})
+            out.append("| encoder | read-out | dims | kNN | linear |\n|---|---|---|---|---|")
+            out.append(f"| raw pixels | — | {px.get('dims', '?')} | {100 * px.get('knn', 0):.1f} | "
+                       f"{100 * px.get('linear', 0):.1f} |")  # fmt: skip
+            for enc, rows in s.get("encoders", {}).items():
+                for r in rows["results"]:
+                    if r["label"].startswith("_"):
+                        continue
+                    out.append(
+                        f"| {enc} | {r['label']} | {r['dims']} | {100 * r['knn']:.1f} | {100 * r['linear']:.1f} |"
+                    )
+        elif sweep == PARTIAL_FT:
             out.append("| blocks fine-tuned | top-1 | steps | CPU-s |\n|---|---|---|---|")
             for r in s.get("results", []):
                 out.append(
@@ -257,7 +363,23 @@ def figure(results: dict, sweep: str, path: Path) -> None:
     s = results["sweeps"][sweep]
     st = results["settings"]
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
-    if sweep == PARTIAL_FT:
+    if sweep == FEATURES:
+        fig.set_size_inches(8, 4)
+        encs = s.get("encoders", {})
+        for proto, marker in (("knn", "o"), ("linear", "s")):
+            for i, (enc, rows) in enumerate(encs.items()):
+                rows = [r for r in rows["results"] if not r["label"].startswith("_")]
+                ax.plot([r["label"] for r in rows], [100 * r[proto] for r in rows], marker=marker,
+                        ls="-" if proto == "linear" else ":", color=plt.cm.tab10(i), label=f"{enc} {proto}")  # fmt: skip
+            px = s.get("pixels", {})
+            if proto in px:
+                ax.axhline(100 * px[proto], color="0.4", ls="-" if proto == "linear" else ":", lw=1,
+                           label=f"raw pixels {proto} ({100 * px[proto]:.1f})")  # fmt: skip
+        ax.set_title("feature read-outs of frozen encoders vs raw pixels (" + ", ".join(
+            f"{k}: {v['pretrain']}" for k, v in encs.items()) + ")", fontsize=7)  # fmt: skip
+        ax.tick_params(axis="x", rotation=35)
+        ax.set_xlabel("read-out")
+    elif sweep == PARTIAL_FT:
         rows = s.get("results", [])
         xs = [str(r["blocks"]) for r in rows]
         ys = [100 * r["accuracy"] for r in rows]
@@ -326,6 +448,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--data", default=None, help=argparse.SUPPRESS
     )  # partial fine-tuning's labelled data (tests)
+    p.add_argument("--recipe-checkpoints", nargs="*", metavar="LABEL=PATH",
+                   help="feature_recipes: these encoders (default: this run's MAE and ConvMAE recipe points)")  # fmt: skip
+    p.add_argument(
+        "--recipe-max-train", type=int, default=10000, help="feature_recipes: labelled train images"
+    )
+    p.add_argument("--recipe-max-test", type=int, default=10000, help="feature_recipes: test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="keep finished points of --out/ablations.json")
@@ -365,7 +493,7 @@ def main(argv=None) -> int:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
 
     tokenizer = args.tokenizer
-    for sweep in [s for s in args.sweeps if s != PARTIAL_FT]:
+    for sweep in [s for s in args.sweeps if s in SWEEPS]:
         sw = SWEEPS[sweep]
         entry = {"model": sw.model, "paper": sw.paper, "baseline": sw.baseline, "results": []}
         results["sweeps"][sweep] = entry
@@ -422,6 +550,39 @@ def main(argv=None) -> int:
         }
         save()
         figure(results, PARTIAL_FT, out / f"ablation_{PARTIAL_FT}.png")
+
+    if FEATURES in args.sweeps:
+        rspec = DataSpec(
+            "fashion_mnist", max_train=args.recipe_max_train, max_test=args.recipe_max_test, seed=args.seed
+        )
+        given = dict(kv.split("=", 1) for kv in args.recipe_checkpoints or [])
+        if not given:  # this run's recipe points of MAE and ConvMAE
+            for model in (MAE, CONVMAE):
+                pid = point_id(model, dict(args.extra))
+                if pid not in results["points"]:
+                    print(f"[ablations] {FEATURES}: pretraining the {model} recipe point {pid}", flush=True)
+                    results["points"][pid] = run_point(model, {}, out, args, spec)
+                    save()
+                facts = results["points"][pid]["pretrain"]
+                given[f"{model.split('_')[0]} ({pid})"] = facts["checkpoint"]
+        entry = {"paper": FEATURES_NOTE, "encoders": {}, "max_train": args.recipe_max_train,
+                 "max_test": args.recipe_max_test}  # fmt: skip
+        results["sweeps"][FEATURES] = entry
+        from mimkit.eval.pipeline import load_eval_model
+
+        reference, _ = load_eval_model(random_init=MAE, in_chans=1)
+        entry["pixels"] = quality.pixel_baselines(
+            rspec, reference, argparse.Namespace(linear_epochs=args.linear_epochs, seed=args.seed)
+        )
+        for label, ckpt in given.items():
+            pre = pretrain_summary(ckpt)
+            entry["encoders"][label] = {
+                "checkpoint": ckpt,
+                "pretrain": pre,
+                "results": feature_recipes(ckpt, rspec, args),
+            }
+            save()
+        figure(results, FEATURES, out / f"ablation_{FEATURES}.png")
 
     save()
     (out / "ablations.md").write_text(tables(results))
