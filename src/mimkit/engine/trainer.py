@@ -30,7 +30,7 @@ from ..protocols import AfterOptimizerStep, as_method
 from ..registry import create_model
 from .checkpoint import prepare_output_dir, write_checkpoint
 from .config import Config, save_config
-from .distributed import DistInfo, all_finite, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_finite, all_reduce_mean, autocast, barrier, cleanup, init_distributed
 from .logger import StepMetrics, TrainingLog, run_summary
 from .online_probe import build_online_probe
 from .optim import build_adamw, cosine_lr, plan_run
@@ -163,7 +163,7 @@ class Trainer:
             if self.fsdp:
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             skip_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-            with skip_sync, self._autocast():
+            with skip_sync, autocast(cfg.train.precision, dev):
                 out = self.train_model(images, mask)
                 loss, metrics = out.loss, {"loss": out.loss, **out.metrics}
                 if self.online_probe is not None:
@@ -178,20 +178,13 @@ class Trainer:
         stats = dict(zip(keys, all_reduce_mean(torch.stack([totals[k] for k in keys]), self.dist)))
         if cfg.optim.clip_grad:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-            stats["grad_norm"] = (
-                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            )  # FSDP: a DTensor
+            stats["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.model, AfterOptimizerStep):
             self.model.after_optimizer_step()
         self.step += 1
         return StepMetrics(stats, lr=lr)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def fit(self) -> dict[str, float]:
         """Train to `total_steps`, logging and checkpointing; returns the last step's metrics.
