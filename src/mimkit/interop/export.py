@@ -65,10 +65,6 @@ def _load(checkpoint: str | os.PathLike | dict | nn.Module) -> tuple[Any, Weight
     return build_method_model(weights), weights, Path(checkpoint)
 
 
-def _load_model(checkpoint: str | os.PathLike | dict | nn.Module) -> Any:
-    return _load(checkpoint)[0]
-
-
 def _preprocessing(model: Any, weights: Weights | None, img_size: Any = None) -> dict[str, Any]:
     """The model's preprocessing (see `loading.preprocessing`), at the export resolution."""
     config = dataclasses.asdict(model.config)
