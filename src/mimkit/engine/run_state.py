@@ -8,12 +8,14 @@ done (hence epoch and position in it), the RNG state, the resolved config and th
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import LIKELY_CAUSES, NonFiniteLossError
 from .checkpoint import (
     check_resume,
     load_checkpoint,
@@ -22,9 +24,11 @@ from .checkpoint import (
     model_state,
     model_weights,
     optimizer_state,
+    write_checkpoint,
 )
+from .distributed import all_finite, barrier
 
-__all__ = ["resume_training", "training_state"]
+__all__ = ["check_finite_loss", "resume_training", "save_training", "training_state"]
 
 
 def training_state(trainer: Any) -> dict[str, Any]:
@@ -65,3 +69,40 @@ def resume_training(trainer: Any, where: str) -> str | None:
         t.last_saved_step = t.step
     forced = f"; despite different {', '.join(differences)} (train.resume_force)" if differences else ""
     return f"resumed from {path} at step {t.step}{forced}"
+
+
+def save_training(trainer: Any, name: str = "checkpoint.pt", export: bool = False) -> Path:
+    """`Trainer.save`: refuse non-finite weights (every rank checks), gather the state (every rank takes
+    part under FSDP), write it on rank 0 and, with `export`, the encoder as `mimkit export --format
+    safetensors --encoder-only` writes it."""
+    t = trainer
+    path = t.out_dir / name
+    if not all_finite(t.model.parameters(), t.dist):
+        raise NonFiniteLossError(
+            f"the weights hold NaN or infinite values at step {t.step}; {path.name} was not written "
+            f"({kept_checkpoint(t)}); {LIKELY_CAUSES}"
+        )
+    state = training_state(t)
+    if t.dist.is_main:
+        encoder = t.out_dir / "encoder.safetensors" if export else None
+        write_checkpoint(state, path, encoder, t.method.method)
+    if name == "checkpoint.pt":
+        t.last_saved_step = t.step
+    barrier(t.dist)
+    return path
+
+
+def check_finite_loss(trainer: Any, stats: Any) -> None:
+    """NonFiniteLossError when the step just taken (`stats`: its metrics) had a NaN or infinite loss."""
+    if not math.isfinite(stats["loss"]):
+        raise NonFiniteLossError(
+            f"loss is {stats['loss']} at step {trainer.step - 1} (lr {stats['lr']:.3g}); stopped without writing "
+            f"a checkpoint ({kept_checkpoint(trainer)}); {LIKELY_CAUSES}"
+        )
+
+
+def kept_checkpoint(trainer: Any) -> str:
+    """Which checkpoint a failure leaves in place, for its message."""
+    if trainer.last_saved_step is None:
+        return "no checkpoint was written yet"
+    return f"{trainer.out_dir / 'checkpoint.pt'} from step {trainer.last_saved_step} is the last finite one"

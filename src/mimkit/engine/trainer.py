@@ -14,7 +14,6 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,17 @@ from torch import nn
 from ..data import build_pretrain_data, micro_batches
 from ..data.checks import pretrain_warnings
 from ..data.pretrain import skipped_images_note
-from ..errors import LIKELY_CAUSES, NonFiniteLossError
+from ..errors import NonFiniteLossError
 from ..protocols import AfterOptimizerStep, as_method
 from ..registry import create_model
-from .checkpoint import prepare_output_dir, write_checkpoint
+from .checkpoint import prepare_output_dir
 from .config import Config, save_config
-from .distributed import DistInfo, all_finite, all_reduce_mean, autocast, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_mean, autocast, barrier, cleanup, init_distributed
 from .logger import StepMetrics, TrainingLog, run_summary
 from .online_probe import build_online_probe
 from .optim import build_adamw, cosine_lr, plan_run
 from .perf import flops_and_ceiling
-from .run_state import resume_training, training_state
+from .run_state import check_finite_loss, resume_training, save_training, training_state
 from .signals import StopSignals, stopped_message
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "StopSignals", "Trainer", "step_seed"]
@@ -117,25 +116,7 @@ class Trainer:
         Weights holding NaN or inf are never written (NonFiniteLossError): the checkpoint already there,
         written from finite weights, stays. A failed write (disk full, read-only) keeps it too (OutputError).
         """
-        path = self.out_dir / name
-        if not all_finite(self.model.parameters(), self.dist):
-            raise NonFiniteLossError(
-                f"the weights hold NaN or infinite values at step {self.step}; {path.name} was not written "
-                f"({self._kept_checkpoint()}); {LIKELY_CAUSES}"
-            )
-        state = self.state_dict()  # every rank takes part (FSDP gathers), rank 0 writes
-        if self.dist.is_main:  # `export`: the encoder, as `mimkit export --format safetensors --encoder-only`
-            encoder = self.out_dir / "encoder.safetensors" if export else None
-            write_checkpoint(state, path, encoder, self.method.method)
-        if name == "checkpoint.pt":
-            self.last_saved_step = self.step
-        barrier(self.dist)
-        return path
-
-    def _kept_checkpoint(self) -> str:
-        if self.last_saved_step is None:
-            return "no checkpoint was written yet"
-        return f"{self.out_dir / 'checkpoint.pt'} from step {self.last_saved_step} is the last finite one"
+        return save_training(self, name, export)
 
     # ---------------------------------------------------------------- loop
     def batches(self) -> Generator[Any, None, None]:
@@ -215,11 +196,8 @@ class Trainer:
                 while self.step < self.total_steps:
                     stats = self.train_step(batches)
                     write = self.step % cfg.train.log_every == 0 or self.step == self.total_steps
-                    if write and not math.isfinite(stats["loss"]):
-                        raise NonFiniteLossError(
-                            f"loss is {stats['loss']} at step {self.step - 1} (lr {stats['lr']:.3g}); stopped without "
-                            f"writing a checkpoint ({self._kept_checkpoint()}); {LIKELY_CAUSES}"
-                        )
+                    if write:  # reads the step's metrics back: the only host-device sync of a log step
+                        check_finite_loss(self, stats)
                     log.step(self.step, stats, write, epoch=self.micro_done / self.micro_per_epoch)
                     if self.step % cfg.train.ckpt_every == 0 or self.step == self.total_steps:
                         self.save(export=self.step == self.total_steps)
