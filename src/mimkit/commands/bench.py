@@ -374,6 +374,7 @@ def run_benchmark(
     recipe_steps: int = 60,
     recipe_log_every: int = 10,
     compile: str = "none",
+    live_memory: bool = True,
 ) -> dict:
     """Time mimkit and the peer alternating over `rounds` for every config x dtype (one process each),
     then measure each one's peak memory in its own fresh process; medians, ratios and % of the ceiling.
@@ -404,7 +405,10 @@ def run_benchmark(
             "threads": threads,
             "compile": compile,
             "implementations": list(impls),
-        },  # fmt: skip
+            "live_memory": live_memory,
+            "recipe_steps": recipe_steps if recipes else None,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        },
         "peer": {"name": "transformers.ViTMAEForPreTraining (sdpa)", "available": missing is None}
         | ({"note": missing} if missing else {}),
         "results": {},
@@ -457,18 +461,19 @@ def run_benchmark(
                 for impl in impls:
                     args = ("memory", model_name, batch_size, dtype, impl, adamw)
                     entry[impl] |= _spawn(*args, threads=threads)
-                    live = _spawn(*args, threads=threads, env=LIVE_MEMORY_ENV)
-                    entry[impl]["peak_live_delta_mb"] = live["peak_rss_delta_mb"]
+                    if live_memory:
+                        live = _spawn(*args, threads=threads, env=LIVE_MEMORY_ENV)
+                        entry[impl]["peak_live_delta_mb"] = live["peak_rss_delta_mb"]
                 if "peer" in impls:
-                    for key, ratio in (
-                        ("peak_rss_delta_mb", "memory_ratio"),
-                        ("peak_live_delta_mb", "memory_ratio_live"),
-                    ):
+                    pairs = [("peak_rss_delta_mb", "memory_ratio")]
+                    if live_memory:
+                        pairs.append(("peak_live_delta_mb", "memory_ratio_live"))
+                    for key, ratio in pairs:
                         entry[ratio] = entry["mimkit"][key] / entry["peer"][key]
                         if "mimkit" + COMPILED in impls:
                             entry[ratio + "_compiled"] = entry["mimkit" + COMPILED][key] / entry["peer"][key]
-                    say(f"{name} {dtype}: peak-memory ratio {entry['memory_ratio']:.2f} "
-                        f"(live {entry['memory_ratio_live']:.2f})")  # fmt: skip
+                    live_note = f" (live {entry['memory_ratio_live']:.2f})" if live_memory else ""
+                    say(f"{name} {dtype}: peak-memory ratio {entry['memory_ratio']:.2f}{live_note}")
             report["results"][f"{name}_{dtype}"] = entry
     if recipes:
         report["recipes"] = {}
@@ -496,6 +501,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (median step time)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--no-live-memory", action="store_true",
+        help="skip the second memory pair (MALLOC_MMAP_THRESHOLD_=131072, tensors alive at once): half the memory time",
+    )  # fmt: skip
     p.add_argument("--no-peer", action="store_true", help="mimkit alone, even when transformers is installed")
     p.add_argument(
         "--compile", choices=list(COMPILE_CHOICES), default="none",
@@ -527,6 +536,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(
         args.configs, args.dtypes, args.rounds, args.warmup, args.steps, progress, args.threads,
         not args.no_memory, args.adamw, args.recipes, args.recipe_steps, args.recipe_log_every, args.compile,
+        not args.no_live_memory,
     )  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
