@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.optim import cosine_lr
+from ..engine.optim import cosine_lr, no_decay
 from .features import get_encoder, pool_tokens
 
 
@@ -66,13 +66,12 @@ def layer_decay_param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("encoder."):
-            sub = name[len("encoder.") :]
-            layer_id = encoder.layer_id(sub)
-            decay = p.ndim > 1 and sub not in skip and sub.split(".")[0] not in skip
-        else:
-            layer_id = depth + 1
-            decay = p.ndim > 1
+        # the pretraining rule (engine.optim.no_decay), plus the encoder's no_weight_decay() names, as the
+        # authors' fine-tuning recipes spare the class token and position table
+        sub = name.removeprefix("encoder.")
+        spared = name.startswith("encoder.") and (sub in skip or sub.split(".")[0] in skip)
+        decay = not no_decay(name, p) and not spared
+        layer_id = encoder.layer_id(sub) if name.startswith("encoder.") else depth + 1
         key = (layer_id, decay)
         if key not in groups:
             groups[key] = {
