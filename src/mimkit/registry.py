@@ -58,6 +58,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model, e.g. `create_model('mae_vit_tiny_patch4_32', in_chans=1)`."""
     config = model_config(name, **overrides)
     method_cls, _ = _PRESETS[name]
+    from .protocols import as_method  # here: protocols imports the methods package, which imports this
+
     model = method_cls(config)
+    as_method(model)  # TypeError naming what a method lacks of the contract (protocols.MIMMethod)
     setattr(model, "model_name", name)  # noqa: B010  a plain attribute (nn.Module's __setattr__ is typed for tensors)
     return model
