@@ -442,7 +442,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--pft-steps", type=int, default=300)
     p.add_argument("--pft-batch", type=int, default=64)
-    p.add_argument("--pft-lr", type=float, default=2e-3)
+    p.add_argument("--pft-lr", type=float, default=8e-3)
     p.add_argument("--pft-blocks", type=int, nargs="+", default=[0, 1, 2, 4, -1], help="-1: all blocks")
     p.add_argument("--pft-max-train", type=int, default=None, help="train images to draw labels from")
     p.add_argument(
