@@ -396,7 +396,7 @@ def train_phase(dry, device, batch_size, compile_, rounds, steps, warmup, ceilin
     for r in range(rounds):
         if not budget.allows(5):
             break
-        for name in order if r % 2 == 0 else order[::-1]:
+        for name in list(order) if r % 2 == 0 else order[::-1]:  # a copy: a failing runner leaves `order`
             try:
                 _sync(device)
                 start = time.perf_counter()
