@@ -485,6 +485,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
         "machine": f"{platform.machine()} {platform.processor()}".strip(), "clock": "cpu (process time)",
     }  # fmt: skip
+    results.setdefault("invocations", []).append(results["settings"]["command"])  # --reuse runs add up
     spec = DataSpec("fashion_mnist", max_train=args.max_train, max_test=args.max_test, seed=args.seed)
     t_start = time.process_time()
 

@@ -25,9 +25,12 @@ seeds -> label_efficiency.json, label_efficiency.md (table) and label_efficiency
 labels, log x, one line per method/baseline) in --out. Results are saved after every (fraction, seed), and
 --resume skips what is there.
 
-Budget: the defaults (3 x 20 CPU-minutes of pretraining, fine-tuning 200 / 400 / 800 steps of 64 at 1% / 10% /
-100%, 3 seeds at 1% and 10%, 1 at 100%) are about 4 CPU-hours: with benchmarks/ablations.py's defaults, a
-full run of both fits three hours on 2 cores (docs/evidence.md has the measured costs).
+Budget (measured on this project's 2-core AMD EPYC box, one thread): a fine-tuning step of 64 images costs
+about 0.6 CPU-s for the ViT presets and 0.85 for ConvMAE (bf16 forward), 0.2 for resnet10t; frozen features
+about 300 images per CPU-s (ConvMAE 180). The defaults — 3 x 20 CPU-minutes of pretraining, fine-tuning
+150 / 300 / 600 steps of 64 at 1% / 10% / 100% (16 / 3.2 / 0.64 epochs), 3 seeds at 1% and 10% and 1 at
+100%, 3 pretrained + 3 random-init nets + the CNN — come to about 4 CPU-hours; with benchmarks/ablations.py's
+defaults (about 1.5 CPU-hours) a full run of both is about 5.5 CPU-hours: under three hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -337,7 +340,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_ft, ax_pr) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=120, sharey=True)
+    fig, (ax_ft, ax_pr) = plt.subplots(1, 2, figsize=(12, 6.2), dpi=120, sharey=True)
     methods = list(results["encoders"])
     colour = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     styles = {"fine-tune": "-", "random-init fine-tune": ":", "linear": "-", "attentive": "--", "kNN": ":"}
@@ -359,14 +362,20 @@ def plot(results: dict, path: Path) -> None:
             continue
         if kind == "kNN" or (method is None and "kNN" in setting):
             continue  # kNN only in the table: the panel is already busy
-        ax.errorbar(x, y, yerr=s, color=c, ls=ls, marker="o", ms=3, capsize=2, label=setting)
+        marker = {"random-init fine-tune": "x", "attentive": "^"}.get(kind, "o")
+        ax.errorbar(x, y, yerr=s, color=c, ls=ls, marker=marker, ms=4, capsize=2, label=setting)
     s = results["settings"]
     for ax, title in ((ax_ft, "fine-tuning (and supervised baselines)"), (ax_pr, "frozen encoder: probes")):
         ax.set_xscale("log")
         ax.set_xlabel("labelled training images (log)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
+        ax.legend(
+            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2
+        )  # below: never on a point
+        xs = [e["num_labels"] for per in results["settings_results"].values() for e in per.values()]
+        if xs:
+            ax.set_xlim(min(xs) / 1.8, max(xs) * 1.8)
     ax_ft.set_ylabel(f"Fashion-MNIST test top-1 (%), {s.get('max_test') or 10000} images")
     fig.suptitle(
         f"Label efficiency: encoders pretrained {results.get('pretrain_summary', '')}; mean ± std over seeds",
@@ -423,7 +432,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seeds-at", default="1:1", help="fewer seeds at some fractions, e.g. '1:1,0.1:2'")
-    p.add_argument("--ft-steps", default="0.01:200,0.1:400,1:800", help="fine-tuning steps per fraction")
+    p.add_argument("--ft-steps", default="0.01:150,0.1:300,1:600", help="fine-tuning steps per fraction")
     p.add_argument("--ft-batch", type=int, default=64)
     p.add_argument("--ft-lr", type=float, default=8e-3, help="fine-tuning base lr (lr = base x batch / 256)")
     p.add_argument("--randaug", action="store_true", help="RandAugment(2, 9) in fine-tuning and the CNN")
