@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mimkit.commands.bench import machine_record
 from mimkit.layers.attention import attention_probabilities
 
 SHAPES = {
@@ -51,6 +52,7 @@ def main() -> None:
             report[f"{name}_threads{threads}"] = {
                 k: round(time_ms(fn, shape), 2) for k, fn in KERNELS.items()
             }
+    report["machine"] = machine_record()
     print(json.dumps(report, indent=1))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from mimkit import list_models
+from mimkit.commands.bench import machine_record
 
 
 def train(name: str, precision: str, args: argparse.Namespace, out_dir: Path) -> dict:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bf16']['adamw_state_dtypes']}; {r['fp32']['img_per_s']:.0f} / {r['bf16']['img_per_s']:.0f} "
               "img/s fp32 / bf16", flush=True)  # fmt: skip
     report = {"settings": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "results": results}  # fmt: skip
+              "machine": machine_record(), "results": results}  # fmt: skip
     (out / "bf16_numerics.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(results, args.window, out / "bf16_numerics.png")
     print(f"[bf16] wrote {out / 'bf16_numerics.json'} and {out / 'bf16_numerics.png'}")

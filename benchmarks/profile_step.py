@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mimkit
+from mimkit.commands.bench import machine_record
 
 MATMUL_OPS = (
     "aten::addmm",
@@ -154,6 +155,7 @@ def main() -> None:
         "matmul_share": round(matmul / max(sum(per_op.values()), 1e-9), 3),
         "non_matmul_top": dict(list(other.items())[:15]),
         "categories_ms": categories(per_op),
+        "machine": machine_record(),
     }
     text = json.dumps(summary, indent=2)
     print(text)

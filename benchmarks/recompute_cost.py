@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from mimkit.commands.bench import _Runner
+from mimkit.commands.bench import _Runner, machine_record
 from mimkit.layers import set_selective_checkpointing
 
 
@@ -66,6 +66,7 @@ def main() -> None:
         "plain_over_selective": ips["plain"] / ips["selective"],
         "saved_for_backward_mib": {k: v / 2**20 for k, v in stored.items()},
         "selective_over_plain_memory": stored["selective"] / stored["plain"],
+        "machine": machine_record(),
     }
     print(json.dumps(result))
 

@@ -131,6 +131,15 @@ def matmul_ceilings(thread_counts: tuple[int, ...] = (1, 2)) -> dict[str, dict[s
     return out
 
 
+def machine_record(ceilings: bool = True) -> dict[str, Any]:
+    """What every benchmark JSON records about the machine: the CPU (`cpu_info`), threads, torch, load, and
+    (a few seconds) the fp32 / bf16 matmul ceilings at 1 and 2 threads and at the current thread count."""
+    record = machine_info()
+    if ceilings:
+        record["matmul_ceilings_by_threads_gflops"] = matmul_ceilings((1, 2, torch.get_num_threads()))
+    return record
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu_info(),
