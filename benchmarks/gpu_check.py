@@ -17,8 +17,9 @@ Sections of the report:
   (`torch.cuda.max_memory_allocated` minus the memory allocated before the model was built). Once eager,
   then with `torch.compile` (`train.compile=true`, the whole model; compile time = first step - median step).
 - `loader`: the trainer's own data loader alone (synthetic 224 px images, MAE transforms and masks), img/s.
-- `ddp`: with >= 2 GPUs, a 2-rank DDP step over NCCL (torch.multiprocessing spawn, the trainer's own DDP
-  wrapping): img/s over both ranks, and whether the weights stay identical across ranks.
+- `ddp`: with >= 2 GPUs, 2-rank steps over NCCL (torch.multiprocessing spawn) through the trainer's own DDP
+  wrapping for each method, and its FSDP2 sharding for MAE (`mae_fsdp`): img/s over both ranks, and
+  whether the weights stay identical across ranks.
 
 Anything that fails is recorded under its section as `error` (the rest still runs); sections that would not
 fit in `--budget-s` are recorded as `skipped` with the reason. `--dry-run` runs every section on the CPU with
@@ -232,7 +233,7 @@ def parity(method: str, device: torch.device, dry: bool, batch_size: int, tol: f
 
 
 def _train_config(model_name: str, overrides: dict, batch_size: int, device: str, compile_: bool, out_dir: str,
-                  ceiling: float | None) -> Any:  # fmt: skip
+                  ceiling: float | None, distributed: str = "ddp") -> Any:  # fmt: skip
     from mimkit.engine.config import config_from_dict
 
     return config_from_dict(
@@ -255,6 +256,7 @@ def _train_config(model_name: str, overrides: dict, batch_size: int, device: str
                 "matmul_ceiling": ceiling,
                 "log_every": 1000,
                 "ckpt_every": 1000,
+                "distributed": distributed,
             },  # fmt: skip
         }
     )
@@ -263,11 +265,11 @@ def _train_config(model_name: str, overrides: dict, batch_size: int, device: str
 class TrainerRunner:
     """A mimkit method through `Trainer.train_step`, fed one fixed pinned batch (the loader is measured apart)."""
 
-    def __init__(self, method, dry, batch_size, device, compile_, out_dir, ceiling):
+    def __init__(self, method, dry, batch_size, device, compile_, out_dir, ceiling, distributed="ddp"):
         from mimkit.engine.trainer import Trainer
 
         cfg = _train_config(_model_name(method, dry), _overrides(method, dry), batch_size, device.type,
-                            compile_, out_dir, ceiling)  # fmt: skip
+                            compile_, out_dir, ceiling, distributed)  # fmt: skip
         torch.manual_seed(0)
         self.trainer = t = Trainer(cfg)
         model = t.model
@@ -480,6 +482,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# (report key, method, train.distributed): the trainer's DDP for every method, then FSDP2 for MAE.
+DIST_RUNS = (
+    ("mae", "mae", "ddp"),
+    ("cae", "cae", "ddp"),
+    ("convmae", "convmae", "ddp"),
+    ("mae_fsdp", "mae", "fsdp"),
+)
+
+
 def _ddp_worker(rank: int, world: int, port: int, dry: bool, batch_size: int, steps: int, out: str) -> None:
     """One rank: each method's trainer (DDP-wrapped by the trainer itself) for a warm-up and `steps` steps on
     this rank's own images, then a checksum of the weights gathered from every rank."""
@@ -494,16 +505,16 @@ def _ddp_worker(rank: int, world: int, port: int, dry: bool, batch_size: int, st
     result: dict[str, Any] = {"rank": rank, "methods": {}}
     runners = []  # closed at the end: closing one ends the process group the others share
     try:
-        for method in METHODS:
+        for key, method, mode in DIST_RUNS:
             entry: dict[str, Any] = {}
-            result["methods"][method] = entry
+            result["methods"][key] = entry
             try:
-                runner = TrainerRunner(
-                    method, dry, batch_size, device, False, os.path.join(out, f"{method}{rank}"), 1e12
-                )
+                where = os.path.join(out, f"{key}{rank}")
+                runner = TrainerRunner(method, dry, batch_size, device, False, where, 1e12, distributed=mode)
                 runners.append(runner)
                 result["backend"] = dist.get_backend()
                 entry["ddp_wrapped"] = runner.trainer.ddp is not None
+                entry["fsdp_sharded"] = bool(runner.trainer.fsdp)
                 gen = torch.Generator().manual_seed(100 + rank)  # each rank its own images
                 images = torch.randn(batch_size, *_image_size(runner.trainer.model), generator=gen)
                 mask = runner.trainer.model.mask_generator(batch_size, gen)
@@ -516,7 +527,13 @@ def _ddp_worker(rank: int, world: int, port: int, dry: bool, batch_size: int, st
                     runner.step()
                 _sync(device)
                 entry["step_s"] = (time.perf_counter() - start) / steps
-                flat = torch.cat([p.detach().double().flatten() for p in runner.trainer.model.parameters()])
+                full = [
+                    p.full_tensor() if hasattr(p, "full_tensor") else p
+                    for p in runner.trainer.model.parameters()
+                ]
+                flat = torch.cat(
+                    [p.detach().double().flatten() for p in full]
+                )  # FSDP: gathered (a collective)
                 checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(device)
                 gathered = [torch.zeros_like(checksum) for _ in range(world)]
                 dist.all_gather(gathered, checksum)
@@ -548,7 +565,7 @@ def ddp_check(dry: bool, batch_size: int, steps: int, out_dir: str) -> dict[str,
     ranks = [json.load(open(os.path.join(out, f"ddp_rank{r}.json"))) for r in range(world)]
     result: dict[str, Any] = {"world_size": world, "ranks": ranks, "wall_s": time.perf_counter() - start}
     result["backend"] = ranks[0].get("backend")
-    for method in METHODS:
+    for method, _, _ in DIST_RUNS:
         entries = [r["methods"].get(method, {}) for r in ranks]
         if all("step_s" in e for e in entries):
             result[method] = {

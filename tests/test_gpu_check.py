@@ -88,6 +88,9 @@ def test_loader_and_ddp(report):
         )
         assert all(r["methods"][method]["ddp_wrapped"] for r in ddp["ranks"])
         assert ddp[method]["weights_identical_across_ranks"] is True and ddp[method]["img_per_s_total"] > 0
+    assert "error" not in ddp["mae_fsdp"], [r["methods"].get("mae_fsdp") for r in ddp["ranks"]]
+    assert all(r["methods"]["mae_fsdp"]["fsdp_sharded"] for r in ddp["ranks"])
+    assert ddp["mae_fsdp"]["weights_identical_across_ranks"] is True
 
 
 def test_device_peak_table():
