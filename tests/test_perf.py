@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -245,3 +247,17 @@ def test_compile_blocks_is_regional_and_keeps_the_state_dict():
     compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled and all(isinstance(m, Block) for m in compiled)
     assert len(compiled) == SMALL["depth"] + SMALL["decoder_depth"]
+
+
+def test_bench_table_from_a_report():
+    from pathlib import Path
+
+    from mimkit.commands.bench import markdown_tables
+
+    path = (
+        Path(__file__).resolve().parents[1] / "benchmarks/results/bench_zen4_busy_1thread_tiny_recipes.json"
+    )
+    text = markdown_tables(json.loads(path.read_text()))
+    assert '"AMD EPYC", family 25 model 17' in text and "no AMX" in text
+    assert "| tiny_bs256_bf16 | mimkit | 172.33" in text and "0.89x peer" in text
+    assert "| cae_tiny_fmnist.yaml | 128 |" in text

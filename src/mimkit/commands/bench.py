@@ -503,6 +503,60 @@ def run_benchmark(
     return report
 
 
+def markdown_tables(report: dict) -> str:
+    """The report as docs/performance.md tables: machine line, one row per config x dtype, the recipes."""
+    cpu = report["machine"]["cpu"]
+    flags = ", ".join(k for k, v in cpu["flags"].items() if v) + ("; AMX" if cpu["amx"] else "; no AMX")
+    ceilings = report.get("matmul_ceilings_by_threads_gflops", {})
+    by_threads = "; ".join(
+        f"{dtype} " + " / ".join(f"{v:.0f} ({n} thr)" for n, v in sorted(ceilings[dtype].items()))
+        for dtype in ceilings
+    )
+    lines = [
+        f'Machine: `lscpu` "{cpu["model_name"]}", family {cpu["family"]} model {cpu["model"]}, '
+        f"{cpu['cores']} cores ({flags}); threads {report['machine']['threads']}; load "
+        f"{report['machine']['loadavg_start'][0]:.1f} -> {report['machine'].get('loadavg_end', [float('nan')])[0]:.1f}; "
+        f"ceilings GFLOP/s: start fp32 {report['matmul_ceiling_gflops']['fp32']:.0f}, bf16 "
+        f"{report['matmul_ceiling_gflops']['bf16']:.0f}; end "
+        + ", ".join(f"{k} {v:.0f}" for k, v in report.get("matmul_ceiling_gflops_end", {}).items())
+        + f"; by threads: {by_threads}; settings {json.dumps(report['settings'])}",
+        "",
+        "| config | impl | img/s (rounds) | % of ceiling | vs peer (median of rounds) | peak RSS above baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["results"].items():
+        for impl, row in entry.items():
+            if not isinstance(row, dict) or "img_per_s" not in row:
+                continue
+            rounds = ", ".join(f"{x:.2f}" for x in row["img_per_s_rounds"])
+            ratio = ""
+            if impl != "peer" and "peer" in entry:
+                key = "speed_ratio" if impl == "mimkit" else "speed_ratio_compiled"
+                if key in entry:
+                    ratio = f"{entry[key]:.2f} ({entry[key + '_median_of_rounds']:.2f})"
+            mem = f"{row['peak_rss_delta_mb']:.0f} MB" if "peak_rss_delta_mb" in row else "-"
+            if impl == "mimkit" and "memory_ratio" in entry:
+                mem += f" ({entry['memory_ratio']:.2f}x peer)"
+            if "compile_s" in row:
+                impl += f" (compile {row['compile_s']:.0f} s)"
+            lines.append(
+                f"| {name} | {impl} | {row['img_per_s']:.2f} ({rounds}) | {row['pct_of_ceiling']:.1f}% | {ratio} | {mem} |"
+            )
+    if report.get("recipes"):
+        lines += [
+            "",
+            "| recipe | batch | img/s | trainer MFU | vs MAE | loader alone img/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in report["recipes"].items():
+            vs = report.get("recipes_mfu_vs_mae", {}).get(name, float("nan"))
+            lines.append(
+                f"| {name} | {r['batch_size']} | {r['img_per_s']:.1f} | {100 * r['mfu']:.1f}% | {vs:.2f} | "
+                f"{r['loader_img_per_s']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -531,10 +585,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe-steps", type=int, default=60, help="optimizer steps per recipe")
     p.add_argument("--recipe-log-every", type=int, default=10, help="steps per timed window (first dropped)")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.add_argument(
+        "--table",
+        metavar="JSON",
+        default=None,
+        help="print an earlier report as markdown tables, run nothing",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_tables(json.load(f)))
+        return 0
     if args.no_peer:
         os.environ["MIMKIT_BENCH_NO_PEER"] = "1"  # the worker processes inherit it
 
