@@ -15,7 +15,8 @@ Sections of the report:
   median img/s, every round, MFU against the device's bf16 peak (the table below, by device name) and
   against the measured bf16 matmul ceiling, and the peak memory the step added
   (`torch.cuda.max_memory_allocated` minus the memory allocated before the model was built). Once eager,
-  then with `torch.compile` (`train.compile=true`, the whole model; compile time = first step - median step).
+  then with `torch.compile` (`train.compile=true`, the whole model; compile time = first step - median step)
+  and, for MAE, with only its blocks compiled (`mae_regional`, `mimkit.layers.compile_blocks`).
 - `loader`: the trainer's own data loader alone (synthetic 224 px images, MAE transforms and masks), img/s.
 - `ddp`: with >= 2 GPUs, 2-rank steps over NCCL (torch.multiprocessing spawn) through the trainer's own DDP
   wrapping for each method, and its FSDP2 sharding for MAE (`mae_fsdp`): img/s over both ranks, and
@@ -265,14 +266,19 @@ def _train_config(model_name: str, overrides: dict, batch_size: int, device: str
 class TrainerRunner:
     """A mimkit method through `Trainer.train_step`, fed one fixed pinned batch (the loader is measured apart)."""
 
-    def __init__(self, method, dry, batch_size, device, compile_, out_dir, ceiling, distributed="ddp"):
+    def __init__(
+        self, method, dry, batch_size, device, compile_, out_dir, ceiling, distributed="ddp", regional=False
+    ):
         from mimkit.engine.trainer import Trainer
+        from mimkit.layers import compile_blocks
 
         cfg = _train_config(_model_name(method, dry), _overrides(method, dry), batch_size, device.type,
                             compile_, out_dir, ceiling, distributed)  # fmt: skip
         torch.manual_seed(0)
         self.trainer = t = Trainer(cfg)
         model = t.model
+        if regional:  # the blocks compiled in place: the trainer's step then runs them
+            compile_blocks(model)
         gen = torch.Generator().manual_seed(0)
         images = torch.randn(batch_size, *_image_size(model), generator=gen)
         mask = model.mask_generator(batch_size, gen)  # ConvMAE's too: drawn on its stage-3 grid
@@ -286,7 +292,7 @@ class TrainerRunner:
             "fused_adamw": bool(t.optimizer.defaults.get("fused")),
             "autocast": f"{device.type}/bf16",
             "loader_pin_memory": bool(t.train_loader.pin_memory),
-            "compiled": compile_,
+            "compiled": "blocks" if regional else compile_,
         }
 
     def step(self) -> None:
@@ -370,6 +376,8 @@ def _build_and_warm(name, make, device, warmup) -> tuple[Any, dict[str, Any]]:
 def train_phase(dry, device, batch_size, compile_, rounds, steps, warmup, ceilings, budget, out_dir) -> dict:
     """Build every runner (memory measured on its warm-up), then time them alternating in ABBA order."""
     names = ["mae", "peer", "cae", "convmae"]  # the MAE-vs-peer pair first, should the budget run out
+    if compile_:  # and MAE with only its blocks compiled (mimkit.layers.compile_blocks), after the pair
+        names.insert(2, "mae_regional")
     phase: dict[str, Any] = {}
     runners: dict[str, Any] = {}
     estimate = 15.0 if not compile_ else 120.0  # seconds to build + warm one runner (compile: minutes)
@@ -384,6 +392,9 @@ def train_phase(dry, device, batch_size, compile_, rounds, steps, warmup, ceilin
             continue
         if name == "peer":
             make = lambda: PeerRunner(dry, batch_size, device, compile_)  # noqa: E731
+        elif name == "mae_regional":
+            make = lambda: TrainerRunner("mae", dry, batch_size, device, False,  # noqa: E731
+                                         os.path.join(out_dir, "mae_regional"), ceilings["used"], regional=True)  # fmt: skip
         else:
             make = lambda m=name: TrainerRunner(m, dry, batch_size, device, compile_,  # noqa: E731
                                                  os.path.join(out_dir, f"{m}_{int(compile_)}"), ceilings["used"])  # fmt: skip
