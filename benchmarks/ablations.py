@@ -259,6 +259,14 @@ def block_features(encoder, dataset, bf16: bool = True, batch_size: int = 256) -
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def readout_name(label: str) -> str:
+    """feature_info module names as read-outs: ConvMAE's "blocks1" / "blocks2" are its conv stages 1 and 2,
+    "blocks3.i" its ViT block i."""
+    if label.startswith("blocks3."):
+        return "block" + label.split(".", 1)[1]
+    return {"blocks1": "stage1 (conv)", "blocks2": "stage2 (conv)"}.get(label, label)
+
+
 def pretrain_summary(checkpoint: str) -> str:
     """'6.0 CPU-min, 1328 steps' from the facts a pretraining run left beside (or above) its checkpoint."""
     for folder in (Path(checkpoint).parent, Path(checkpoint).parent.parent):
@@ -328,7 +336,7 @@ def tables(results: dict) -> str:
                     if r["label"].startswith("_"):
                         continue
                     out.append(
-                        f"| {enc} | {r['label']} | {r['dims']} | {100 * r['knn']:.1f} | {100 * r['linear']:.1f} |"
+                        f"| {enc} | {readout_name(r['label'])} | {r['dims']} | {100 * r['knn']:.1f} | {100 * r['linear']:.1f} |"
                     )
         elif sweep == PARTIAL_FT:
             out.append("| blocks fine-tuned | top-1 | steps | CPU-s |\n|---|---|---|---|")
@@ -364,22 +372,35 @@ def figure(results: dict, sweep: str, path: Path) -> None:
     st = results["settings"]
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
     if sweep == FEATURES:
-        fig.set_size_inches(8, 4)
         encs = s.get("encoders", {})
-        for proto, marker in (("knn", "o"), ("linear", "s")):
-            for i, (enc, rows) in enumerate(encs.items()):
-                rows = [r for r in rows["results"] if not r["label"].startswith("_")]
-                ax.plot([r["label"] for r in rows], [100 * r[proto] for r in rows], marker=marker,
-                        ls="-" if proto == "linear" else ":", color=plt.cm.tab10(i), label=f"{enc} {proto}")  # fmt: skip
-            px = s.get("pixels", {})
-            if proto in px:
-                ax.axhline(100 * px[proto], color="0.4", ls="-" if proto == "linear" else ":", lw=1,
-                           label=f"raw pixels {proto} ({100 * px[proto]:.1f})")  # fmt: skip
-        ax.set_title("feature read-outs of frozen encoders vs raw pixels (" + ", ".join(
-            f"{k}: {v['pretrain']}" for k, v in encs.items()) + ")", fontsize=7)  # fmt: skip
-        ax.tick_params(axis="x", rotation=35)
-        ax.set_xlabel("read-out")
-    elif sweep == PARTIAL_FT:
+        plt.close(fig)
+        fig, axes = plt.subplots(1, max(1, len(encs)), figsize=(4.5 * max(1, len(encs)), 4), dpi=120, sharey=True,
+                                 squeeze=False)  # fmt: skip
+        px = s.get("pixels", {})
+        for ax, (enc, rows) in zip(axes[0], encs.items()):  # one panel each: the read-outs differ
+            rows = [r for r in rows["results"] if not r["label"].startswith("_")]
+            xs = list(range(len(rows)))
+            for proto, marker, ls in (("knn", "o", ":"), ("linear", "s", "-")):
+                ax.plot(xs, [100 * r[proto] for r in rows], marker=marker, ls=ls, label=f"{proto}")
+                if proto in px:
+                    ax.axhline(
+                        100 * px[proto],
+                        color="0.4",
+                        ls=ls,
+                        lw=1,
+                        label=f"raw pixels {proto} ({100 * px[proto]:.1f})",
+                    )
+            ax.set_xticks(xs, [readout_name(r["label"]) for r in rows], rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{enc}: {encs[enc]['pretrain']}", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("Fashion-MNIST test top-1 (%)")
+        fig.suptitle("frozen-feature read-outs vs raw pixels (same train / test images)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
+    if sweep == PARTIAL_FT:
         rows = s.get("results", [])
         xs = [str(r["blocks"]) for r in rows]
         ys = [100 * r["accuracy"] for r in rows]
