@@ -411,7 +411,9 @@ def figure(results: dict, sweep: str, path: Path) -> None:
             )
         ax.set_xlabel("last blocks fine-tuned (0 = linear on pooled tokens)")
         n = rows[0]["num_labels"] if rows else "?"
-        ax.set_title(f"MAE partial fine-tuning: {n} labels, {st['pft_steps']} steps each", fontsize=8)
+        ax.set_title(
+            f"MAE partial fine-tuning: {n} labels, {rows[0]['steps'] if rows else '?'} steps each", fontsize=8
+        )
     else:
         done = [r for r in s["results"] if "point" in r]
         xs = [r["label"] for r in done]
