@@ -213,7 +213,9 @@ def partial_ft(checkpoint: str, args, out: Path) -> list[dict]:
     spec = DataSpec("fashion_mnist" if args.data is None else args.data, max_train=args.pft_max_train,
                     max_test=args.max_test, seed=args.seed)  # fmt: skip
     data = label_efficiency.LabelledData(spec)
-    ft_args = argparse.Namespace(ft_batch=args.pft_batch, ft_lr=args.pft_lr, layer_decay=0.75, bf16=True)
+    ft_args = argparse.Namespace(
+        ft_batch=args.pft_batch, ft_lr=args.pft_lr, ft_warmup=0.1, layer_decay=0.75, bf16=True
+    )
     rows = []
     labels = None
     for k in args.pft_blocks:

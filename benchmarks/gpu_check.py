@@ -56,8 +56,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import mimkit
 
 from mimkit.commands.bench import cpu_info, hf_config, transformers_missing
-from mimkit.engine.perf import mae_flops_per_image, measure_matmul_ceiling, model_flops_per_image
+from mimkit.engine.perf import measure_matmul_ceiling, model_flops_per_image
 from mimkit.layers import set_fused_attention
+from mimkit.methods.mae import mae_flops_per_image
 
 SCHEMA = "mimkit.gpu_check/1"
 # A gradient's difference is measured against its own largest entry, but never against less than this

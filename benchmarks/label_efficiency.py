@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import platform
 import shlex
 import sys
@@ -121,23 +120,6 @@ def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-class AutocastClassifier:
-    """Wraps mimkit.eval.finetune.FinetuneClassifier so only its forward runs under bf16 autocast: the
-    backward and the optimizer step stay outside it (with the whole `finetune` call under autocast, the
-    fine-tuning loss did not move on CPU with torch 2.14)."""
-
-    @staticmethod
-    def build(encoder, num_classes: int, bf16: bool):
-        from mimkit.eval.finetune import FinetuneClassifier
-
-        class _Autocast(FinetuneClassifier):
-            def forward(self, images: torch.Tensor) -> torch.Tensor:
-                with autocast(True):
-                    return super().forward(images).float()
-
-        return (_Autocast if bf16 else FinetuneClassifier)(encoder, num_classes)
-
-
 def finetune_config(steps: int, n_train: int, args, seed: int, random_init: bool, blocks=None):
     """The fine-tuning recipe of this benchmark for a budget of `steps` optimizer steps on n_train images."""
     from mimkit.eval.finetune import FinetuneConfig
@@ -147,9 +129,9 @@ def finetune_config(steps: int, n_train: int, args, seed: int, random_init: bool
     epochs = max(1, round(steps / per_epoch))
     return FinetuneConfig(
         epochs=epochs, batch_size=batch, base_lr=args.ft_lr, weight_decay=0.05,
-        layer_decay=1.0 if random_init else args.layer_decay, warmup_epochs=1 if epochs >= 10 else 0,
+        layer_decay=1.0 if random_init else args.layer_decay, warmup_epochs=args.ft_warmup * epochs,
         drop_path_rate=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.1, randaug=getattr(args, "randaug", False), blocks=blocks,
-        seed=seed,
+        seed=seed, precision="bf16" if args.bf16 else "fp32",
     )  # fmt: skip
 
 
@@ -157,7 +139,7 @@ def finetune_run(
     checkpoint: str, random_init: bool, data: LabelledData, indices, steps: int, args, seed: int, blocks=None
 ) -> dict:
     """Fine-tune the checkpoint's encoder (or its random init) on train[indices]; test top-1 and costs."""
-    from mimkit.eval.finetune import finetune, finetune_transform
+    from mimkit.eval.finetune import FinetuneClassifier, finetune, finetune_transform
     from mimkit.eval.pipeline import Transformed, load_eval_model
 
     cfg = finetune_config(steps, len(indices), args, seed, random_init, blocks)
@@ -167,7 +149,7 @@ def finetune_run(
     d = data.get(model)
     transform = finetune_transform(d["img_size"], d["in_chans"], d["mean"], d["std"], cfg)
     train = Transformed(torch.utils.data.Subset(d["train_base"], list(indices)), transform)
-    classifier = AutocastClassifier.build(model, d["num_classes"], args.bf16)
+    classifier = FinetuneClassifier(model, d["num_classes"])
     start = time.process_time()
     res = finetune(
         classifier, train, d["test_eval"], d["num_classes"], cfg, progress=False, log=lambda *a: None
@@ -188,6 +170,7 @@ def train_cnn(data: LabelledData, reference_model, indices, steps: int, args, se
     import timm
     import torch.nn.functional as F
 
+    from mimkit.engine.optim import cosine_lr
     from mimkit.eval.finetune import finetune_transform, predict
     from mimkit.eval.pipeline import Transformed
 
@@ -206,9 +189,8 @@ def train_cnn(data: LabelledData, reference_model, indices, steps: int, args, se
     total = cfg.epochs * len(loader)
     lr = args.cnn_lr * cfg.batch_size / 256
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    warmup = round(args.ft_warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, 1.0, warmup, 0.0))
     start, step = time.process_time(), 0
     net.train()
     for _ in range(cfg.epochs):
@@ -435,6 +417,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ft-steps", default="0.01:150,0.1:300,1:600", help="fine-tuning steps per fraction")
     p.add_argument("--ft-batch", type=int, default=64)
     p.add_argument("--ft-lr", type=float, default=8e-3, help="fine-tuning base lr (lr = base x batch / 256)")
+    p.add_argument(
+        "--ft-warmup", type=float, default=0.1, help="linear warm-up over this fraction of the steps"
+    )
     p.add_argument("--randaug", action="store_true", help="RandAugment(2, 9) in fine-tuning and the CNN")
     p.add_argument("--layer-decay", type=float, default=0.75, help="pretrained encoders (random init: 1.0)")
     p.add_argument("--cnn", default="resnet10t", help="timm model name of the supervised CNN baseline")

@@ -16,11 +16,11 @@ import statistics
 
 import torch
 
-from mimkit.commands.bench import _Runner, machine_record
+from mimkit.commands.bench import StepRunner, machine_record
 from mimkit.layers import set_selective_checkpointing
 
 
-def saved_bytes(runner: _Runner) -> int:
+def saved_bytes(runner: StepRunner) -> int:
     """Bytes autograd keeps for backward during one training forward (each storage counted once)."""
     seen: dict[int, int] = {}
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runner = _Runner("mimkit", args.model, args.batch_size, args.dtype)
+    runner = StepRunner("mimkit", args.model, args.batch_size, args.dtype)
     variants = {"plain": False, "selective": True}
     step_s: dict[str, list[float]] = {name: [] for name in variants}
     stored = {}

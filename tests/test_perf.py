@@ -10,12 +10,12 @@ import torch
 import mimkit
 from mimkit.engine.perf import (
     count_flops_per_image,
-    mae_flops_per_image,
     measure_matmul_ceiling,
     mfu,
     model_flops_per_image,
 )
 from mimkit.layers import set_fused_attention
+from mimkit.methods.mae import mae_flops_per_image
 
 SMALL = dict(depth=2, decoder_depth=1, embed_dim=64, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2)
 
@@ -91,9 +91,18 @@ def test_model_flops_per_image_uses_the_models_own_count_else_measures(monkeypat
     assert model_flops_per_image(wrapped) == analytic  # and the measurement agrees with the formula
 
 
-def test_matmul_ceiling_and_mfu():
-    ceiling = measure_matmul_ceiling(torch.float32, size=256, repeats=2)
-    assert 1e8 < ceiling < 1e14  # FLOP/s: a plausible range for any CPU
+def test_matmul_ceiling_is_the_fastest_timed_call_after_the_warm_up(monkeypatch):
+    from mimkit.engine import perf
+
+    # perf_counter readings: warm-up start (untimed), then (start, end) for each of the 3 timed calls
+    readings = iter([0.0, 10.0, 10.5, 20.0, 20.25, 30.0, 30.4])
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: next(readings))
+    ceiling = measure_matmul_ceiling(torch.float32, size=64, repeats=3)
+    assert ceiling == pytest.approx(2 * 64**3 / 0.25)  # the best of 0.5, 0.25, 0.4 s
+    assert next(readings, None) is None  # every call timed, the warm-up included
+
+
+def test_mfu():
     assert mfu(10.0, 5e9, 1e11) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="ceiling"):
         mfu(1.0, 1.0, 0.0)

@@ -331,6 +331,49 @@ def test_layer_decay_scales_follow_spec():
         assert step == pytest.approx(expected, rel=1e-3), name
 
 
+def test_bf16_finetuning_learns_like_fp32_and_keeps_fp32_weights():
+    """precision="bf16" autocasts the forward only; the loss falls as in fp32 and the weights stay fp32."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(48) % 3
+    templates = torch.randn(3, 1, 16, 16, generator=gen)
+    images = templates[labels] + 0.3 * torch.randn(48, 1, 16, 16, generator=gen)
+    data = torch.utils.data.TensorDataset(images, labels)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = FinetuneClassifier(VisionTransformer(16, 4, 1, embed_dim=32, depth=2, num_heads=2), 3)
+        cfg = FinetuneConfig(
+            epochs=6, batch_size=16, base_lr=0.05, warmup_epochs=0.5, mixup=0, cutmix=0, label_smoothing=0.0,
+            randaug=False, precision=precision,
+        )  # fmt: skip
+        out = finetune(model, data, data, 3, cfg, progress=False, log=lambda *_: None)
+        losses[precision] = [h["loss"] for h in out["history"]]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert (out["predictions"] == out["labels"]).float().mean() == 1.0, precision
+    for precision, curve in losses.items():
+        assert curve[-1] < 0.5 * curve[0], (precision, curve)
+    assert abs(losses["bf16"][-1] - losses["fp32"][-1]) < 0.1, losses
+
+
+def test_fractional_warmup_epochs_warm_up_over_that_many_steps(monkeypatch):
+    import importlib
+
+    finetune_module = importlib.import_module("mimkit.eval.finetune")
+
+    seen = []
+    real = finetune_module.cosine_lr
+    monkeypatch.setattr(
+        finetune_module,
+        "cosine_lr",
+        lambda step, total, lr, warmup, *a: seen.append(warmup) or real(step, total, lr, warmup, *a),
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 16, 16), torch.randint(0, 3, (40,)))
+    model = FinetuneClassifier(VisionTransformer(16, 4, 1, embed_dim=32, depth=1, num_heads=2), 3)
+    cfg = FinetuneConfig(epochs=2, batch_size=8, warmup_epochs=0.4, mixup=0, cutmix=0, randaug=False)
+    finetune(model, data, data, 3, cfg, progress=False, log=lambda *_: None)
+    assert seen == [2] * 10  # 5 steps per epoch x 0.4 epochs; 2 epochs of 5 steps
+
+
 @pytest.mark.parametrize("k", [0, 2, 4])
 def test_partial_finetune_updates_exactly_last_k_blocks(k):
     depth = 4

@@ -189,7 +189,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-class _Runner:
+class StepRunner:
     """One implementation's model, optimizer and a fixed synthetic batch; `step()` times one train step."""
 
     def __init__(
@@ -261,7 +261,7 @@ def time_worker(
     so machine-load drifts hit both alike. Returns per-round median step times and each one's first step
     (with `compile`, its compile time is the first step less a median step)."""
     impls = tuple(impls or available_impls())
-    runners = {impl: _Runner(impl, model_name, batch_size, dtype, adamw, compile) for impl in impls}
+    runners = {impl: StepRunner(impl, model_name, batch_size, dtype, adamw, compile) for impl in impls}
     first: dict[str, float] = {}
     for impl, runner in runners.items():
         compiled = compile != "none" or impl.endswith(COMPILED)
@@ -286,7 +286,7 @@ def memory_worker(
     import mimkit  # noqa: F401
 
     baseline = _rss_mb()
-    runner = _Runner(impl, model_name, batch_size, dtype, adamw, compile)
+    runner = StepRunner(impl, model_name, batch_size, dtype, adamw, compile)
     for _ in range(3):
         runner.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -389,7 +389,8 @@ def run_benchmark(
     then measure each one's peak memory in its own fresh process; medians, ratios and % of the ceiling.
     `compile` ("mimkit" or "both") adds the regionally compiled variants to the same alternation.
     Then train each recipe in `recipes` briefly through the trainer (its img/s, MFU and loader speed)."""
-    from ..engine.perf import mae_flops_per_image, measure_matmul_ceiling
+    from ..engine.perf import measure_matmul_ceiling
+    from ..methods.mae import mae_flops_per_image
     from ..registry import model_config
 
     say = progress or (lambda msg: None)

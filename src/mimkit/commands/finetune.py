@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="base lr; lr = base * batch / 256")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layer-decay", type=float, default=0.75)
-    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32",
+        help="bf16: the forward under bf16 autocast (2-6x faster on CPUs with bf16 matmuls)",
+    )  # fmt: skip
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 = off)")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, drop_path_rate=args.drop_path,
         mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing, randaug=not args.no_randaug,
         blocks=args.blocks, clip_grad=args.clip_grad, max_minutes=args.max_minutes, num_workers=args.num_workers,
-        seed=args.seed,
+        seed=args.seed, precision=args.precision,
     )  # fmt: skip
     model, model_key = load_eval_model(
         args.checkpoint, args.random_init, drop_path_rate=cfg.drop_path_rate, seed=args.seed

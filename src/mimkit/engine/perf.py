@@ -24,11 +24,9 @@ from torch import nn
 from torch.utils import flop_counter
 
 from ..layers.patch_embed import to_2tuple
-from ..methods.mae import mae_flops_per_image  # the analytic count lives with its method
 from ..protocols import CountsFlops
 
 __all__ = [
-    "mae_flops_per_image",
     "count_flops_per_image",
     "model_flops_per_image",
     "flops_and_ceiling",

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.distributed import autocast
 from ..engine.optim import cosine_lr, no_decay
 from .features import get_encoder, pool_tokens
 
@@ -127,7 +128,7 @@ class FinetuneConfig:
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     layer_decay: float = 0.75
-    warmup_epochs: int = 1
+    warmup_epochs: float = 1.0  # fractions allowed: 0.1 * epochs warms up over a tenth of the steps
     drop_path_rate: float = 0.1  # applied when the model is built (see load_model)
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -140,6 +141,7 @@ class FinetuneConfig:
     max_minutes: float | None = None  # stop early (schedule unchanged) after this much training time
     num_workers: int = 0
     seed: int = 0
+    precision: str = "fp32"  # "bf16": the forward under autocast; the loss, backward and AdamW in fp32
 
 
 def finetune_transform(
@@ -170,13 +172,16 @@ def finetune_transform(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, loader, device: torch.device, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions [N], labels [N]) with the model in eval mode."""
     model.eval()
     preds, labels = [], []
     for batch in loader:
         images, y = batch[0], batch[-1]
-        preds.append(model(images.to(device)).argmax(-1).cpu())
+        with autocast(precision, device):
+            preds.append(model(images.to(device)).argmax(-1).cpu())
         labels.append(torch.as_tensor(y).long())
     return torch.cat(preds), torch.cat(labels)
 
@@ -227,7 +232,7 @@ def finetune(
     )
     soft_ce = SoftTargetCrossEntropy()
     total = cfg.epochs * len(loader)
-    warmup = cfg.warmup_epochs * len(loader)
+    warmup = round(cfg.warmup_epochs * len(loader))
     history, step, start = [], 0, time.perf_counter()
     stopped_early = False
     for epoch in range(cfg.epochs):
@@ -245,9 +250,12 @@ def finetune(
             images, labels = images.to(device), torch.as_tensor(labels).to(device)
             if mixup is not None:
                 images, targets = mixup(images, labels)  # targets [B, C] soft
-                loss = soft_ce(model(images), targets)
+            with autocast(cfg.precision, device):  # forward only: autocast around the backward and the
+                logits = model(images).float()  # optimizer step left the loss at ln(classes) on CPU
+            if mixup is not None:
+                loss = soft_ce(logits, targets)
             else:
-                loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite fine-tuning loss {loss.item()} at step {step}; lower --lr"
@@ -267,7 +275,7 @@ def finetune(
         if stopped_early:
             log(f"finetune: time budget of {cfg.max_minutes} min reached after {step} steps")
             break
-    preds, labels = predict(model, test_loader, device)
+    preds, labels = predict(model, test_loader, device, cfg.precision)
     return {
         "predictions": preds,
         "labels": labels,
