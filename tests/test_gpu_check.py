@@ -78,6 +78,7 @@ def test_train_steps_run_through_the_trainer(report):
     assert "skipped" in report["train"]["compile"]
 
 
+@pytest.mark.distributed
 def test_loader_and_ddp(report):
     assert report["loader"]["img_per_s"] > 0
     ddp = report["ddp"]

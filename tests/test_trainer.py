@@ -195,6 +195,7 @@ def _torchrun(tmp: Path, nproc: int, *overrides: str, name: str = "") -> Path:
     return out / "checkpoint.pt"
 
 
+@pytest.mark.distributed
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
     """torchrun, 2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8."""
     two = _torchrun(tmp_path, 2, "data.batch_size=8", "train.max_steps=4")
@@ -257,6 +258,7 @@ def test_compiled_ddp_skips_the_all_reduce_on_all_but_the_last_micro_batch(tmp_p
             dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(tmp_path):
     args = ("data.batch_size=8", "train.max_steps=3", "optim.accum_steps=2", "optim.clip_grad=1.0")
     ddp = final_weights(_torchrun(tmp_path, 2, *args, name="ddp"))
