@@ -295,6 +295,22 @@ def done(results: dict, setting: str, fraction: float, seed: int) -> bool:
     )
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs of the same encoders on disjoint (fraction, seed) sets: their results side by
+    side, the union of their fractions, each run's command kept."""
+    merged = {k: v for k, v in reports[0].items() if k != "settings_results"}
+    merged["settings"] = dict(reports[0]["settings"])
+    merged["settings"]["fractions"] = sorted({f for r in reports for f in r["settings"]["fractions"]})
+    merged["settings"]["commands"] = [r["settings"]["command"] for r in reports]
+    merged["num_labels"] = {k: v for r in reports for k, v in r["num_labels"].items()}
+    merged["cpu_seconds_runs"] = [r.get("cpu_seconds_this_invocation") for r in reports]
+    merged["settings_results"] = {}
+    for r in reports:
+        for setting, per_fraction in r["settings_results"].items():
+            merged["settings_results"].setdefault(setting, {}).update(per_fraction)
+    return merged
+
+
 def table(results: dict) -> str:
     fractions = results["settings"]["fractions"]
     labels = {frac_key(f): results["num_labels"].get(frac_key(f), "?") for f in fractions}
@@ -447,6 +463,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume", action="store_true", help="keep finished entries of --out/label_efficiency.json"
     )
     p.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the JSON")
+    p.add_argument(
+        "--merge", nargs="+", metavar="JSON",
+        help="merge reports of runs split by fraction into --out (then table and plot)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -459,7 +479,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "label_efficiency.json"
-    if args.replot:
+    if args.merge:  # runs split by fraction (one process per core) -> one report
+        results = merge_reports([json.loads(Path(path).read_text()) for path in args.merge])
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    if args.replot or args.merge:
         results = json.loads(json_path.read_text())
         (out / "label_efficiency.md").write_text(table(results))
         plot(results, out / "label_efficiency.png")

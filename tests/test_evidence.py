@@ -192,3 +192,27 @@ def test_label_efficiency_tiny_run_end_to_end(tmp_path, idx_read_once):
     assert sr["MAE fine-tune"]["0.2"]["runs"]["0"]["steps"] >= 1
     assert (out / "label_efficiency.png").stat().st_size > 0
     assert "MAE fine-tune" in (out / "label_efficiency.md").read_text()
+
+
+def test_label_efficiency_merges_runs_split_by_fraction():
+    le = _module("label_efficiency")
+
+    def report(fraction: float, labels: int, accuracy: float) -> dict:
+        key = f"{fraction:g}"
+        entry = {"num_labels": labels, "runs": {"0": {"accuracy": accuracy}}, "mean": accuracy, "std": 0.0}
+        return {
+            "settings": {"fractions": [fraction], "command": f"python le.py --fractions {fraction}"},
+            "num_labels": {key: labels},
+            "encoders": {"mae": {}},
+            "cpu_seconds_this_invocation": 10.0,
+            "settings_results": {"MAE fine-tune": {key: {**entry, "seeds": 1}}},
+        }
+
+    merged = le.merge_reports([report(0.01, 600, 0.7), report(1.0, 60000, 0.9)])
+    assert merged["settings"]["fractions"] == [0.01, 1.0] and len(merged["settings"]["commands"]) == 2
+    assert merged["num_labels"] == {"0.01": 600, "1": 60000}
+    assert {k: v["mean"] for k, v in merged["settings_results"]["MAE fine-tune"].items()} == {
+        "0.01": 0.7,
+        "1": 0.9,
+    }
+    assert "| MAE fine-tune | 70.0 (n=1) | 90.0 (n=1) |" in le.table(merged)
