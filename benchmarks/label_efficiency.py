@@ -296,8 +296,8 @@ def done(results: dict, setting: str, fraction: float, seed: int) -> bool:
 
 
 def merge_reports(reports: list[dict]) -> dict:
-    """One report from runs of the same encoders on disjoint (fraction, seed) sets: their results side by
-    side, the union of their fractions, each run's command kept."""
+    """One report from runs of the same encoders on disjoint (fraction, seed) sets (one process per core):
+    every run of every setting, mean and std over the seeds recomputed, each run's command kept."""
     merged = {k: v for k, v in reports[0].items() if k != "settings_results"}
     merged["settings"] = dict(reports[0]["settings"])
     merged["settings"]["fractions"] = sorted({f for r in reports for f in r["settings"]["fractions"]})
@@ -305,9 +305,11 @@ def merge_reports(reports: list[dict]) -> dict:
     merged["num_labels"] = {k: v for r in reports for k, v in r["num_labels"].items()}
     merged["cpu_seconds_runs"] = [r.get("cpu_seconds_this_invocation") for r in reports]
     merged["settings_results"] = {}
-    for r in reports:
+    for r in reports:  # run by run: two reports may hold different seeds of one fraction
         for setting, per_fraction in r["settings_results"].items():
-            merged["settings_results"].setdefault(setting, {}).update(per_fraction)
+            for key, entry in per_fraction.items():
+                for seed, value in entry["runs"].items():
+                    record(merged, setting, float(key), entry["num_labels"], int(seed), value)
     return merged
 
 

@@ -208,11 +208,12 @@ def test_label_efficiency_merges_runs_split_by_fraction():
             "settings_results": {"MAE fine-tune": {key: {**entry, "seeds": 1}}},
         }
 
-    merged = le.merge_reports([report(0.01, 600, 0.7), report(1.0, 60000, 0.9)])
-    assert merged["settings"]["fractions"] == [0.01, 1.0] and len(merged["settings"]["commands"]) == 2
+    other_seed = report(0.01, 600, 0.8)
+    other_seed["settings_results"]["MAE fine-tune"]["0.01"]["runs"] = {"1": {"accuracy": 0.8}}
+    merged = le.merge_reports([report(0.01, 600, 0.7), report(1.0, 60000, 0.9), other_seed])
+    assert merged["settings"]["fractions"] == [0.01, 1.0] and len(merged["settings"]["commands"]) == 3
     assert merged["num_labels"] == {"0.01": 600, "1": 60000}
-    assert {k: v["mean"] for k, v in merged["settings_results"]["MAE fine-tune"].items()} == {
-        "0.01": 0.7,
-        "1": 0.9,
-    }
-    assert "| MAE fine-tune | 70.0 (n=1) | 90.0 (n=1) |" in le.table(merged)
+    per_fraction = merged["settings_results"]["MAE fine-tune"]
+    assert set(per_fraction["0.01"]["runs"]) == {"0", "1"} and per_fraction["0.01"]["seeds"] == 2
+    assert per_fraction["0.01"]["mean"] == pytest.approx(0.75) and per_fraction["1"]["mean"] == 0.9
+    assert "| MAE fine-tune | 75.0 ± 7.1 (n=2) | 90.0 (n=1) |" in le.table(merged)
