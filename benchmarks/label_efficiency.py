@@ -22,15 +22,17 @@ mimkit.data.subsets), with 3 seeds (the subset and the training order change wit
 
 Test accuracy on the Fashion-MNIST test split (--max-test keeps a seeded random subset). Mean +- std over
 seeds -> label_efficiency.json, label_efficiency.md (table) and label_efficiency.png (accuracy vs number of
-labels, log x, one line per method/baseline) in --out. Results are saved after every (fraction, seed), and
+labels, log x, one line per method/baseline) in --out. Results are saved after every setting of a (fraction, seed), and
 --resume skips what is there.
 
-Budget (measured on this project's 2-core AMD EPYC box, one thread): a fine-tuning step of 64 images costs
-about 0.6 CPU-s for the ViT presets and 0.85 for ConvMAE (bf16 forward), 0.2 for resnet10t; frozen features
-about 300 images per CPU-s (ConvMAE 180). The defaults — 3 x 20 CPU-minutes of pretraining, fine-tuning
-150 / 300 / 600 steps of 64 at 1% / 10% / 100% (16 / 3.2 / 0.64 epochs), 3 seeds at 1% and 10% and 1 at
-100%, 3 pretrained + 3 random-init nets + the CNN — come to about 4 CPU-hours; with benchmarks/ablations.py's
-defaults (about 1.5 CPU-hours) a full run of both is about 5.5 CPU-hours: under three hours on 2 cores.
+Budget (CPU-seconds, one thread; measured on the 2-core Intel Xeon with AMX of 2026-12-06, the AMD EPYC
+figures within 10%): a fine-tuning step of 64 images costs 0.5-0.7 for the ViT presets, 0.85-1.0 for ConvMAE
+(bf16 forward), 0.2 for resnet10t; frozen features about 300 images per CPU-s; the attentive probe (3 lrs) about
+6 CPU-min per encoder for 108,000 images seen per lr (hence --attentive-samples). Measured per (fraction, seed)
+with the defaults: 1% about 11 CPU-min, 10% about 39, 100% about 90 (fine-tuning 1 epoch = 937 steps: the
+epochs are rounded), plus 3 x 20 CPU-min of pretraining and 10 of features: about 5.2 CPU-hours in all, 2.6
+hours on 2 cores as two processes (split the fractions, then --merge); with benchmarks/ablations.py's defaults
+(about 1.5 CPU-hours) about 3.3 hours on 2 cores: over the three-hour mark (--seeds-at 0.1:2 brings it to 3.0).
 """
 
 from __future__ import annotations
@@ -240,6 +242,13 @@ def frozen_features(model, model_key: dict, data: LabelledData, union: list[int]
     return out
 
 
+def attentive_epochs(n: int, args) -> int:
+    """--attentive-epochs, fewer where the labels are many: each lr's probe sees at most
+    --attentive-samples images (20 epochs at 1% and 10% by default, 1 at 100%; at 100% the 20 epochs alone
+    would cost about an hour of CPU per encoder)."""
+    return max(1, min(args.attentive_epochs, round(args.attentive_samples / n)))
+
+
 def probe_batch(n: int) -> int:
     return int(min(256, max(16, n // 10)))
 
@@ -264,11 +273,12 @@ def probes_on(feats: dict, rows: np.ndarray, num_classes: int, heads: int, args,
         )  # fmt: skip
         out["linear"] = {"accuracy": res.accuracy, "best_base_lr": res.best_base_lr}
     if "attentive" in args.protocols:
+        epochs = attentive_epochs(n, args)
         res = train_attentive_probe(
             tr["tokens"][rows_t], y, te["tokens"], te["labels"], num_classes,
-            AttentiveProbeConfig(epochs=args.attentive_epochs, batch_size=probe_batch(n), seed=seed), heads, False,
+            AttentiveProbeConfig(epochs=epochs, batch_size=probe_batch(n), seed=seed), heads, False,
         )  # fmt: skip
-        out["attentive"] = {"accuracy": res.accuracy, "best_base_lr": res.best_base_lr}
+        out["attentive"] = {"accuracy": res.accuracy, "best_base_lr": res.best_base_lr, "epochs": epochs}
     out["_cpu_seconds"] = time.process_time() - t0
     return out
 
@@ -451,6 +461,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--linear-epochs", type=int, default=30)
     p.add_argument("--attentive-epochs", type=int, default=20)
+    p.add_argument(
+        "--attentive-samples", type=int, default=120_000,
+        help="cap on the images each attentive probe sees (epochs = min(--attentive-epochs, this / labels))",
+    )  # fmt: skip
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 fine-tuning and features")
     p.add_argument("--data", default="fashion_mnist", help="labelled data source (synthetic: tests)")
     p.add_argument(

@@ -217,3 +217,11 @@ def test_label_efficiency_merges_runs_split_by_fraction():
     assert set(per_fraction["0.01"]["runs"]) == {"0", "1"} and per_fraction["0.01"]["seeds"] == 2
     assert per_fraction["0.01"]["mean"] == pytest.approx(0.75) and per_fraction["1"]["mean"] == 0.9
     assert "| MAE fine-tune | 75.0 ± 7.1 (n=2) | 90.0 (n=1) |" in le.table(merged)
+
+
+def test_attentive_probe_epochs_shrink_where_labels_are_many():
+    le = _module("label_efficiency")
+    args = le.parse_args([])
+    assert [le.attentive_epochs(n, args) for n in (600, 6000, 60000)] == [20, 20, 2]
+    args = le.parse_args(["--attentive-epochs", "10", "--attentive-samples", "30000"])
+    assert [le.attentive_epochs(n, args) for n in (600, 6000, 60000)] == [10, 5, 1]
