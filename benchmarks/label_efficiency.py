@@ -38,7 +38,6 @@ hours on 2 cores as two processes (split the fractions, then --merge); with benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import platform
@@ -54,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (benchmarks/quality.py: pretrain, stack_pixels)
 
 from mimkit.data.subsets import dataset_labels, stratified_indices  # noqa: E402
+from mimkit.engine.distributed import autocast as mimkit_autocast  # noqa: E402
 
 DEFAULT_MODELS = ("mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32", "convmae_tiny_patch8_64")
 SHORT = {
@@ -119,7 +119,8 @@ def subset_indices(labels: np.ndarray, fraction: float, seed: int) -> list[int]:
 
 
 def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    """bf16 autocast on the CPU (mimkit's own), or nothing."""
+    return mimkit_autocast("bf16" if bf16 else "fp32", torch.device("cpu"))
 
 
 def finetune_config(steps: int, n_train: int, args, seed: int, random_init: bool, blocks=None):
@@ -205,8 +206,7 @@ def train_cnn(data: LabelledData, reference_model, indices, steps: int, args, se
             sched.step()
             step += 1
     test_loader = torch.utils.data.DataLoader(d["test_eval"], batch_size=256)
-    with autocast(args.bf16):
-        preds, labels = predict(net, test_loader, torch.device("cpu"))
+    preds, labels = predict(net, test_loader, torch.device("cpu"), "bf16" if args.bf16 else "fp32")
     return {
         "accuracy": (preds == labels).float().mean().item(),
         "steps": step,
@@ -244,7 +244,7 @@ def frozen_features(model, model_key: dict, data: LabelledData, union: list[int]
 
 def attentive_epochs(n: int, args) -> int:
     """--attentive-epochs, fewer where the labels are many: each lr's probe sees at most
-    --attentive-samples images (20 epochs at 1% and 10% by default, 1 at 100%; at 100% the 20 epochs alone
+    --attentive-samples images (20 epochs at 1% and 10% by default, 2 at 100%; at 100% the 20 epochs alone
     would cost about an hour of CPU per encoder)."""
     return max(1, min(args.attentive_epochs, round(args.attentive_samples / n)))
 
