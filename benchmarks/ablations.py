@@ -214,7 +214,13 @@ def partial_ft(checkpoint: str, args, out: Path) -> list[dict]:
                     max_test=args.max_test, seed=args.seed)  # fmt: skip
     data = label_efficiency.LabelledData(spec)
     ft_args = argparse.Namespace(
-        ft_batch=args.pft_batch, ft_lr=args.pft_lr, ft_warmup=0.1, layer_decay=0.75, bf16=True
+        ft_batch=args.pft_batch,
+        ft_lr=args.pft_lr,
+        ft_warmup=0.1,
+        layer_decay=0.75,
+        bf16=True,
+        crop_min=0.25,
+        lp_epochs=0.0,  # the recipe the sweep was measured with: no LP-FT
     )
     rows = []
     labels = None

@@ -26,6 +26,7 @@ from mimkit.eval import (
     train_attentive_probe,
     train_linear_probe,
 )
+from mimkit.eval.finetune import finetune_transform
 from mimkit.layers import Block
 
 
@@ -372,6 +373,46 @@ def test_fractional_warmup_epochs_warm_up_over_that_many_steps(monkeypatch):
     cfg = FinetuneConfig(epochs=2, batch_size=8, warmup_epochs=0.4, mixup=0, cutmix=0, randaug=False)
     finetune(model, data, data, 3, cfg, progress=False, log=lambda *_: None)
     assert seen == [2] * 10  # 5 steps per epoch x 0.4 epochs; 2 epochs of 5 steps
+
+
+def test_lp_ft_trains_the_head_alone_first_then_everything():
+    """linear_probe_epochs: a head-only phase (encoder, BatchNorm statistics included, untouched), then full
+    fine-tuning starts from that head."""
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 16, 16), torch.randint(0, 3, (32,)))
+    head = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    runs = {}
+    for epochs in (0, 1):  # 0: the linear-probe phase alone
+        torch.manual_seed(0)
+        model = FinetuneClassifier(ToyEncoder(depth=2, drop_path_rate=0.2), num_classes=3)
+        before = full_state(model)
+        cfg = FinetuneConfig(
+            epochs=epochs, batch_size=16, linear_probe_epochs=2, linear_probe_lr=0.5, warmup_epochs=0,
+            mixup=0.8, cutmix=1.0,
+        )  # fmt: skip
+        out = finetune(model, data, data, 3, cfg, progress=False, log=lambda *_: None)
+        runs[epochs] = (changed_keys(before, full_state(model)), out)
+    changed, out = runs[0]
+    assert changed == head
+    assert [h["phase"] for h in out["history"]] == ["linear probe"] * 2
+    changed, out = runs[1]
+    assert head | {"encoder.patch_embed.weight", "encoder.patch_bn.running_mean"} <= changed
+    assert [h["phase"] for h in out["history"]] == ["linear probe"] * 2 + ["finetune"]
+
+
+def test_crop_scale_sets_the_random_resized_crop_area():
+    """crop_scale (1, 1) with ratio near 1 keeps the whole image: only the flip is random."""
+    from PIL import Image
+
+    img = Image.fromarray(np.arange(16 * 16, dtype=np.uint8).reshape(16, 16))
+    cfg = FinetuneConfig(crop_scale=(1.0, 1.0), randaug=False)
+    transform = finetune_transform(16, 1, [0.0], [1.0], cfg)
+    full = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    for _ in range(5):
+        out = transform(img)[0]
+        assert torch.allclose(out, full, atol=0.02) or torch.allclose(out, full.flip(-1), atol=0.02)
+    cropped = FinetuneConfig(crop_scale=(0.1, 0.1), randaug=False)
+    out = finetune_transform(16, 1, [0.0], [1.0], cropped)(img)[0]
+    assert not torch.allclose(out, full, atol=0.02) and not torch.allclose(out, full.flip(-1), atol=0.02)
 
 
 @pytest.mark.parametrize("k", [0, 2, 4])

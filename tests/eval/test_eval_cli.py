@@ -77,3 +77,12 @@ def test_finetune_cli_partial(checkpoint, tmp_path):
     block = sum(p.numel() for p in model.encoder.blocks[-1].parameters())
     head = 2 * 32 + (32 * 10 + 10)  # fc_norm + Linear over the synthetic data's 10 classes
     assert result["trainable_parameters"] == block + head
+
+
+@pytest.mark.parametrize("flag", [["--crop-min", "0"], ["--crop-min", "1.5"], ["--lp-epochs", "-1"]])
+def test_finetune_cli_rejects_bad_recipe_values_in_one_line(checkpoint, tmp_path, capsys, flag):
+    argv = ["finetune", "--checkpoint", str(checkpoint), *DATA, "--out", str(tmp_path / "ft"), *flag]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert ("--crop-min" if flag[0] == "--crop-min" else "LP-FT") in err

@@ -38,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--no-randaug", action="store_true")
+    p.add_argument(
+        "--crop-min", type=float, default=0.25, help="smallest area of the random-resized crops (0-1)"
+    )
+    p.add_argument(
+        "--lp-epochs", type=int, default=0,
+        help="LP-FT: train the head alone this many epochs first (encoder frozen); helps with few labels",
+    )  # fmt: skip
+    p.add_argument("--lp-lr", type=float, default=0.1, help="base lr of the --lp-epochs phase")
     p.add_argument("--clip-grad", type=float)
     p.add_argument(
         "--max-minutes", type=float, help="stop training after this many minutes (schedule unchanged)"
@@ -71,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, drop_path_rate=args.drop_path,
         mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing, randaug=not args.no_randaug,
         blocks=args.blocks, clip_grad=args.clip_grad, max_minutes=args.max_minutes, num_workers=args.num_workers,
-        seed=args.seed, precision=args.precision,
+        seed=args.seed, precision=args.precision, crop_scale=(args.crop_min, 1.0),
+        linear_probe_epochs=args.lp_epochs, linear_probe_lr=args.lp_lr,
     )  # fmt: skip
     model, model_key = load_eval_model(
         args.checkpoint, args.random_init, drop_path_rate=cfg.drop_path_rate, seed=args.seed

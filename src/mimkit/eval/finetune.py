@@ -6,6 +6,11 @@ final norm and the head) gets lr * decay^(depth + 1 - layer_id). Drop-path comes
 with drop_path_rate), Mixup/CutMix and soft-target cross-entropy from timm, RandAugment from torchvision,
 label smoothing through timm's Mixup (or plain cross-entropy's label_smoothing when mixing is off).
 
+Linear probe first (LP-FT, Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features"):
+with `linear_probe_epochs > 0`, only fc_norm + head train first (encoder frozen, in eval mode) at
+`linear_probe_lr`, then everything fine-tunes from that head. A random head's large early gradients no
+longer reach the pretrained blocks; with few labels this is worth points (docs/evidence.md).
+
 Partial fine-tuning: `blocks=k` trains only the last k encoder blocks and the head (fc_norm + Linear);
 k = 0 is a linear probe on mean-pooled tokens (with a LayerNorm), k >= depth (or None) is full fine-tuning,
 in which the embeddings and the encoder's final norm train too. Frozen modules stay in eval mode, so
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +30,7 @@ from torch import nn
 
 from ..engine.distributed import autocast
 from ..engine.optim import cosine_lr, no_decay
+from ..errors import ConfigError
 from .features import get_encoder, pool_tokens
 
 
@@ -136,6 +142,9 @@ class FinetuneConfig:
     randaug: bool = True
     randaug_num_ops: int = 2
     randaug_magnitude: int = 9
+    crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop's area range
+    linear_probe_epochs: int = 0  # LP-FT: train only the head this many epochs first (0 = off)
+    linear_probe_lr: float = 0.1  # its base lr (lr = base * batch / 256), no weight decay
     blocks: int | None = None  # partial fine-tuning: last k blocks; None = full
     clip_grad: float | None = None
     max_minutes: float | None = None  # stop early (schedule unchanged) after this much training time
@@ -143,11 +152,23 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "fp32"  # "bf16": the forward under autocast; the loss, backward and AdamW in fp32
 
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(
+                f"crop scale ({low}, {high}) must satisfy 0 < min <= max <= 1 (e.g. --crop-min 0.25)"
+            )
+        if self.linear_probe_epochs < 0:
+            raise ConfigError(
+                f"linear probe epochs must be >= 0 (0 = no LP-FT), got {self.linear_probe_epochs}"
+            )
+
 
 def finetune_transform(
     img_size, in_chans: int, mean: Sequence[float], std: Sequence[float], cfg: FinetuneConfig
 ):
-    """RandomResizedCrop(0.25-1) + flip + torchvision RandAugment on PIL images -> normalised [C, H, W]."""
+    """RandomResizedCrop(cfg.crop_scale) + flip + torchvision RandAugment on PIL images -> normalised
+    [C, H, W]."""
     from torchvision.transforms import InterpolationMode, v2
 
     from ..data.transforms import ConvertMode
@@ -156,7 +177,10 @@ def finetune_transform(
     ops = [
         ConvertMode(in_chans),
         v2.RandomResizedCrop(
-            to_2tuple(img_size), scale=(0.25, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+            to_2tuple(img_size),
+            scale=tuple(cfg.crop_scale),
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
         ),
         v2.RandomHorizontalFlip(),
     ]
@@ -198,28 +222,62 @@ def finetune(
 ) -> dict:
     """Fine-tune `model` on `train_data` (items (image [C, H, W], label), augmented already) and evaluate
     on `test_data`. Returns {"predictions", "labels", "history", "trainable", "config", "seconds"}."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-
     cfg = config or FinetuneConfig()
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    trainable = set_trainable_blocks(model, cfg.blocks)
     model.to(device)
-    groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
     batch = cfg.batch_size - cfg.batch_size % 2  # Mixup pairs samples: even batches
     if batch < 2 or len(train_data) < batch:
         raise ValueError(
             f"batch_size {cfg.batch_size} needs at least that many training images (have {len(train_data)})"
         )
-    lr = cfg.base_lr * batch / 256
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         train_data, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.num_workers, generator=gen
     )
     test_loader = torch.utils.data.DataLoader(test_data, batch_size=256, num_workers=cfg.num_workers)
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    start, stopped_early = time.perf_counter(), False
+    history: list[dict] = []
+    deadline = None if cfg.max_minutes is None else start + 60 * cfg.max_minutes
+    if cfg.linear_probe_epochs > 0:  # LP-FT: the head alone first, no mixing, no weight decay
+        set_trainable_blocks(model, 0)
+        head_cfg = replace(
+            cfg, epochs=cfg.linear_probe_epochs, base_lr=cfg.linear_probe_lr, weight_decay=0.0,
+            layer_decay=1.0, warmup_epochs=0.1 * cfg.linear_probe_epochs, mixup=0.0, cutmix=0.0,
+        )  # fmt: skip
+        stopped_early = _train(
+            model, loader, head_cfg, num_classes, device, progress, log, "linear probe", history, deadline
+        )
+    trainable = set_trainable_blocks(model, cfg.blocks)
+    if not stopped_early:
+        stopped_early = _train(
+            model, loader, cfg, num_classes, device, progress, log, "finetune", history, deadline
+        )
+    preds, labels = predict(model, test_loader, device, cfg.precision)
+    return {
+        "predictions": preds,
+        "labels": labels,
+        "history": history,
+        "trainable": trainable,
+        "config": {**asdict(cfg), "lr": cfg.base_lr * batch / 256, "effective_batch_size": batch,
+                   "stopped_early": stopped_early},
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def _train(
+    model: FinetuneClassifier, loader, cfg: FinetuneConfig, num_classes: int, device: torch.device,
+    progress: bool, log, phase: str, history: list[dict], deadline: float | None,
+) -> bool:  # fmt: skip
+    """One phase: AdamW with layer-wise lr decay and a cosine schedule over cfg.epochs on the trainable
+    parameters. Appends one record per epoch to `history`; returns True if it stopped at `deadline`
+    (time.perf_counter(); the schedule is not shortened)."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    lr = cfg.base_lr * loader.batch_size / 256
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     mixup = (
         Mixup(
             mixup_alpha=cfg.mixup,
@@ -227,14 +285,13 @@ def finetune(
             label_smoothing=cfg.label_smoothing,
             num_classes=num_classes,
         )
-        if mixing
+        if cfg.mixup > 0 or cfg.cutmix > 0
         else None
     )
     soft_ce = SoftTargetCrossEntropy()
     total = cfg.epochs * len(loader)
     warmup = round(cfg.warmup_epochs * len(loader))
-    history, step, start = [], 0, time.perf_counter()
-    stopped_early = False
+    step = 0
     for epoch in range(cfg.epochs):
         train_mode(model)
         losses = []
@@ -242,7 +299,7 @@ def finetune(
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(loader, desc=f"finetune epoch {epoch}", leave=False, dynamic_ncols=True)
+            batches = tqdm(loader, desc=f"{phase} epoch {epoch}", leave=False, dynamic_ncols=True)
         for images, *_, labels in batches:
             cur = cosine_lr(step, total, lr, warmup, cfg.min_lr)
             for g in opt.param_groups:
@@ -257,9 +314,7 @@ def finetune(
             else:
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite fine-tuning loss {loss.item()} at step {step}; lower --lr"
-                )
+                raise FloatingPointError(f"non-finite {phase} loss {loss.item()} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:
@@ -267,20 +322,12 @@ def finetune(
             opt.step()
             losses.append(loss.item())
             step += 1
-            if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
-                stopped_early = True
+            if deadline is not None and time.perf_counter() > deadline:
                 break
-        history.append({"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "steps": step})
-        log(f"finetune epoch {epoch}: loss {history[-1]['loss']:.4f}")
-        if stopped_early:
-            log(f"finetune: time budget of {cfg.max_minutes} min reached after {step} steps")
-            break
-    preds, labels = predict(model, test_loader, device, cfg.precision)
-    return {
-        "predictions": preds,
-        "labels": labels,
-        "history": history,
-        "trainable": trainable,
-        "config": {**asdict(cfg), "lr": lr, "effective_batch_size": batch, "stopped_early": stopped_early},
-        "seconds": time.perf_counter() - start,
-    }
+        loss = sum(losses) / max(1, len(losses))
+        history.append({"phase": phase, "epoch": epoch, "loss": loss, "steps": step})
+        log(f"{phase} epoch {epoch}: loss {loss:.4f}")
+        if deadline is not None and time.perf_counter() > deadline:
+            log(f"{phase}: time budget of {cfg.max_minutes} min reached after {step} steps")
+            return True
+    return False
