@@ -28,14 +28,18 @@ seeds -> label_efficiency.json, label_efficiency.md (table) and label_efficiency
 labels, log x, one line per method/baseline) in --out. Results are saved after every setting of a (fraction, seed), and
 --resume skips what is there.
 
-Budget (CPU-seconds, one thread; measured on the 2-core Intel Xeon with AMX of 2026-12-06, the AMD EPYC
-figures within 10%): a fine-tuning step of 64 images costs 0.5-0.7 for the ViT presets, 0.85-1.0 for ConvMAE
-(bf16 forward), 0.2 for resnet10t; frozen features about 300 images per CPU-s; the attentive probe (3 lrs) about
-6 CPU-min per encoder for 108,000 images seen per lr (hence --attentive-samples). Measured per (fraction, seed)
-with the defaults: 1% about 11 CPU-min, 10% about 39, 100% about 90 (fine-tuning 1 epoch = 937 steps: the
-epochs are rounded), plus 3 x 20 CPU-min of pretraining and 10 of features: about 5.2 CPU-hours in all, 2.6
-hours on 2 cores as two processes (split the fractions, then --merge); with benchmarks/ablations.py's defaults
-(about 1.5 CPU-hours) about 3.3 hours on 2 cores: over the three-hour mark (--seeds-at 0.1:2 brings it to 3.0).
+Budget (CPU-seconds, one thread; measured on the 2-core Intel Xeon with AMX of 2026-12-06): a fine-tuning
+step of 64 images costs 0.5-0.7 for the ViT presets, 0.85-1.0 for ConvMAE (bf16 forward), 0.2 for resnet10t;
+LP-FT's head phase about a third of that per step; frozen features about 300 images per CPU-s; the attentive
+probe (3 lrs) about 6 CPU-min per encoder for 108,000 images seen per lr (hence --attentive-samples). Measured
+per (fraction, seed) with the defaults: 1% about 24 CPU-min of fine-tuning (7 nets: 146-360 CPU-s each, the
+CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 measured with the first recipe and no
+attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
+--random-init-up-to). With 3 x 20
+CPU-min of pretraining and 10 of features, the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to
+about 4.5 CPU-hours; with benchmarks/ablations.py's defaults (measured 2026-12-06: see docs/evidence.md) the two
+fit about three hours on 2 cores as two 1-thread processes (split the fractions, then --merge). All 3 seeds at
+10% (--seeds-at 1:1) add about 2 CPU-hours.
 """
 
 from __future__ import annotations
