@@ -23,9 +23,11 @@ Writes into --out: ablations.json (settings with the command line, every point's
 results, per sweep its points in order and the paper's finding), ablations.md (a table per sweep) and
 ablation_<sweep>.png (one figure per sweep). --reuse keeps the points already in ablations.json.
 
-Budget: 16 pretraining points at the default --budget 3 plus their probes (about 1 CPU-minute each at the
-default 10,000 / 5,000 images) and the partial fine-tuning (5 x 300 steps) are about 1.5 CPU-hours: with
-benchmarks/label_efficiency.py's defaults, a full run of both fits three hours on 2 cores.
+Budget (measured 2026-12-06, Intel Xeon with AMX, one thread): 16 pretraining points at the default --budget 3
+plus their probes (2.4-7.3 CPU-minutes each, median 3.4, at the default 10,000 / 5,000 images) and the partial
+fine-tuning (5 x 300 steps, about 15) are about 2 CPU-hours; --tokenizer-steps 1000 adds 17 CPU-minutes. With
+benchmarks/label_efficiency.py's defaults a full run of both is about 3.3 hours on 2 cores (docs/evidence.md);
+--max-train 5000 --max-test 2500 --attentive-epochs 5 halves the probes.
 """
 
 from __future__ import annotations

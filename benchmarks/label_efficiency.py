@@ -37,8 +37,9 @@ CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 meas
 attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
 --random-init-up-to). With 3 x 20
 CPU-min of pretraining and 10 of features, the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to
-about 4.5 CPU-hours; with benchmarks/ablations.py's defaults (measured 2026-12-06: see docs/evidence.md) the two
-fit about three hours on 2 cores as two 1-thread processes (split the fractions, then --merge). All 3 seeds at
+about 4.5 CPU-hours; with benchmarks/ablations.py's defaults (about 2 CPU-hours, measured 2026-12-06) the two
+take about 3.3 hours on 2 cores as two 1-thread processes (split the fractions, then --merge): over three
+hours (docs/evidence.md, "Budget"). All 3 seeds at
 10% (--seeds-at 1:1) add about 2 CPU-hours.
 """
 
