@@ -33,14 +33,13 @@ step of 64 images costs 0.5-0.7 for the ViT presets, 0.85-1.0 for ConvMAE (bf16 
 LP-FT's head phase about a third of that per step; frozen features about 300 images per CPU-s; the attentive
 probe (3 lrs) about 6 CPU-min per encoder for 108,000 images seen per lr (hence --attentive-samples). Measured
 per (fraction, seed) with the defaults: 1% about 24 CPU-min of fine-tuning (7 nets: 146-360 CPU-s each, the
-CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 measured with the first recipe and no
-attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
---random-init-up-to). With 3 x 20
-CPU-min of pretraining and 10 of features, the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to
-about 4.5 CPU-hours; with benchmarks/ablations.py's defaults (about 2 CPU-hours, measured 2026-12-06) the two
-take about 3.3 hours on 2 cores as two 1-thread processes (split the fractions, then --merge): over three
-hours (docs/evidence.md, "Budget"). All 3 seeds at
-10% (--seeds-at 1:1) add about 2 CPU-hours.
+CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 measured with the first recipe and
+no attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
+--random-init-up-to). With 3 x 20 CPU-min of pretraining and 10 of features, the defaults (3 seeds at 1%, 1 at
+10% and 100%: --seeds-at) come to about 4.5 CPU-hours; with benchmarks/ablations.py's defaults (about 2
+CPU-hours, measured 2026-12-06) the two take about 3.3 hours on 2 cores as two 1-thread processes (split the
+fractions, then --merge): over three hours (docs/evidence.md, "Budget"). All 3 seeds at 10% (--seeds-at 1:1)
+add about 2 CPU-hours.
 """
 
 from __future__ import annotations
@@ -452,7 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--seeds-at", default="0.1:1,1:1",
-        help="fewer seeds at some fractions (default: 1 at 10%% and 100%%, to fit 3 hours; '0.1:3' for all 3)",
+        help="fewer seeds at some fractions (default: 1 at 10%% and 100%%, for time; '1:1' for 3 at 10%%)",
     )  # fmt: skip
     p.add_argument("--ft-steps", default="0.01:300,0.1:600,1:600", help="fine-tuning steps per fraction")
     p.add_argument("--ft-batch", type=int, default=64)

@@ -324,9 +324,9 @@ def _train(
             step += 1
             if deadline is not None and time.perf_counter() > deadline:
                 break
-        loss = sum(losses) / max(1, len(losses))
-        history.append({"phase": phase, "epoch": epoch, "loss": loss, "steps": step})
-        log(f"{phase} epoch {epoch}: loss {loss:.4f}")
+        mean_loss = sum(losses) / max(1, len(losses))
+        history.append({"phase": phase, "epoch": epoch, "loss": mean_loss, "steps": step})
+        log(f"{phase} epoch {epoch}: loss {mean_loss:.4f}")
         if deadline is not None and time.perf_counter() > deadline:
             log(f"{phase}: time budget of {cfg.max_minutes} min reached after {step} steps")
             return True
