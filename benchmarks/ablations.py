@@ -215,14 +215,18 @@ def partial_ft(checkpoint: str, args, out: Path) -> list[dict]:
     spec = DataSpec("fashion_mnist" if args.data is None else args.data, max_train=args.pft_max_train,
                     max_test=args.max_test, seed=args.seed)  # fmt: skip
     data = label_efficiency.LabelledData(spec)
-    ft_args = argparse.Namespace(
-        ft_batch=args.pft_batch,
-        ft_lr=args.pft_lr,
-        ft_warmup=0.1,
-        layer_decay=0.75,
-        bf16=True,
-        crop_min=0.25,
-        lp_epochs=0.0,  # the recipe the sweep was measured with: no LP-FT
+    # label_efficiency's fine-tuning recipe as the sweep was measured with it: no LP-FT, crops of 25-100%
+    ft_args = label_efficiency.parse_args(
+        [
+            "--ft-batch",
+            str(args.pft_batch),
+            "--ft-lr",
+            str(args.pft_lr),
+            "--crop-min",
+            "0.25",
+            "--lp-epochs",
+            "0",
+        ]
     )
     rows = []
     labels = None

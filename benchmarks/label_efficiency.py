@@ -140,7 +140,7 @@ def finetune_config(steps: int, n_train: int, args, seed: int, random_init: bool
     return FinetuneConfig(
         epochs=epochs, batch_size=batch, base_lr=args.ft_lr, weight_decay=0.05,
         layer_decay=1.0 if random_init else args.layer_decay, warmup_epochs=args.ft_warmup * epochs,
-        drop_path_rate=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.1, randaug=getattr(args, "randaug", False), blocks=blocks,
+        drop_path_rate=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.1, randaug=args.randaug, blocks=blocks,
         crop_scale=(args.crop_min, 1.0), linear_probe_epochs=round(args.lp_epochs * epochs),
         seed=seed, precision="bf16" if args.bf16 else "fp32",
     )  # fmt: skip
