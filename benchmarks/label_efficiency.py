@@ -284,7 +284,8 @@ def probes_on(feats: dict, rows: np.ndarray, num_classes: int, heads: int, args,
         epochs = attentive_epochs(n, args)
         res = train_attentive_probe(
             tr["tokens"][rows_t], y, te["tokens"], te["labels"], num_classes,
-            AttentiveProbeConfig(epochs=epochs, batch_size=probe_batch(n), seed=seed), heads, False,
+            AttentiveProbeConfig(epochs=epochs, batch_size=probe_batch(n), seed=seed,
+                                 precision="bf16" if args.bf16 else "fp32"), heads, False,
         )  # fmt: skip
         out["attentive"] = {"accuracy": res.accuracy, "best_base_lr": res.best_base_lr, "epochs": epochs}
     out["_cpu_seconds"] = time.process_time() - t0

@@ -291,6 +291,30 @@ def test_attentive_probe_chooses_its_lr_on_held_out_data():
     assert result.config["num_train"] == 400 and result.config["selected_on"] == "val"
 
 
+def test_attentive_probe_in_bf16_keeps_fp32_weights_and_learns_as_fp32_does():
+    x, y = gaussian_classes(600, 3, 16, sep=1.5, seed=0)
+    tokens = (x[:, None] + 0.5 * torch.randn(600, 5, 16)).half()  # an fp16 feature cache
+    results = {
+        precision: train_attentive_probe(
+            tokens[:500],
+            y[:500],
+            tokens[500:],
+            y[500:],
+            num_heads=4,
+            config=AttentiveProbeConfig(epochs=5, batch_size=50, precision=precision),
+        )  # fmt: skip
+        for precision in ("fp32", "bf16")
+    }
+    bf16 = results["bf16"]
+    assert bf16.config["precision"] == "bf16"
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.float32}
+    assert bf16.accuracy > 0.8 and abs(bf16.accuracy - results["fp32"].accuracy) <= 0.03
+    # the forward really ran in bf16: the two probes differ after the same seeded training
+    assert not torch.equal(bf16.model.query, results["fp32"].model.query)
+    with pytest.raises(ValueError, match="precision"):
+        AttentiveProbeConfig(precision="fp16")
+
+
 # ---------------------------------------------------------------- fine-tuning
 
 

@@ -36,6 +36,15 @@ def test_probe_cli_writes_json_summary_and_confusion_png(checkpoint, tmp_path, p
     assert (out / "result.txt").read_text().startswith(protocol)
     assert (out / "result_confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "feature_cache").glob("features-*.pt"))  # train and test features cached
+    assert result["config"]["bf16"] is False and result["config"].get("precision", "fp32") == "fp32"
+
+
+def test_probe_cli_bf16_runs_the_attentive_probe_in_bf16(checkpoint, tmp_path):
+    out = tmp_path / "att"
+    argv = ["probe", "attentive", "--checkpoint", str(checkpoint), *DATA, "--epochs", "1", "--bf16"]
+    assert main([*argv, "--out", str(out)]) == 0
+    config = json.loads((out / "result.json").read_text())["config"]
+    assert config["bf16"] is True and config["precision"] == "bf16"
 
 
 def test_probe_cli_random_init_baseline_differs_from_checkpoint(checkpoint, tmp_path):

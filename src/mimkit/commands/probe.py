@@ -88,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pool", default="auto", choices=["auto", "cls", "mean"], help="auto: class token if any")
     p.add_argument(
-        "--bf16", action="store_true", help="extract features under bfloat16 autocast (faster on CPU)"
+        "--bf16",
+        action="store_true",
+        help="features and the attentive probe under bfloat16 autocast (faster on CPU)",
     )
     p.add_argument(
         "--quick",

@@ -326,6 +326,8 @@ def run_probe(
         }
     else:
         heads = encoder_num_heads(get_encoder(model), train["tokens"].shape[-1])
+        if bf16:  # bf16 features: the probe's forward in bf16 too
+            attentive = dataclasses.replace(attentive or AttentiveProbeConfig(), precision="bf16")
         res = train_attentive_probe(
             train["tokens"],
             train["labels"],
