@@ -228,3 +228,72 @@ def test_attentive_probe_epochs_shrink_where_labels_are_many():
     assert [le.attentive_epochs(n, args) for n in (600, 6000, 60000)] == [20, 20, 2]
     args = le.parse_args(["--attentive-epochs", "10", "--attentive-samples", "30000"])
     assert [le.attentive_epochs(n, args) for n in (600, 6000, 60000)] == [10, 5, 1]
+
+
+STUB_PYTHON = r"""#!/usr/bin/env python3
+# Stands in for python in benchmarks/evidence.sh: records each call, writes what the real program would.
+import json, os, sys, time
+from pathlib import Path
+script, argv = Path(sys.argv[1]).name, sys.argv[2:]
+with open(os.environ["CALLS"], "a") as f:
+    f.write(json.dumps([script, argv]) + "\n")
+out = Path(argv[argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+if script == "ablations.py":
+    time.sleep(1)  # process 1 has pretrained by then (a stub takes no time)
+elif "--merge" not in argv and "--checkpoints" not in argv:
+    if os.environ.get("FAIL_FIRST"):
+        sys.exit(3)
+    for name in ("mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32", "convmae_tiny_patch8_64"):
+        (out / "pretrain" / name).mkdir(parents=True)
+        (out / "pretrain" / name / "checkpoint.pt").write_bytes(b"")
+        (out / "pretrain" / name / "facts.json").write_text("{}")
+(out / script.replace(".py", ".json")).write_text(json.dumps(argv))
+"""
+
+
+def _run_evidence(tmp_path, **env):
+    import os
+    import subprocess
+
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "evidence.sh"), str(tmp_path / "ev")],
+        env={**os.environ, "PYTHON": str(stub), "CALLS": str(calls), **env},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = calls.read_text().splitlines() if calls.is_file() else []
+    return proc, [json.loads(line) for line in lines]
+
+
+def test_evidence_script_splits_the_work_in_two_and_merges(tmp_path):
+    proc, calls = _run_evidence(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ev = tmp_path / "ev"
+    le = [argv for script, argv in calls if script == "label_efficiency.py"]
+    first = next(a for a in le if "--checkpoints" not in a and "--merge" not in a)
+    second = next(a for a in le if "--checkpoints" in a)
+    merge = next(a for a in le if "--merge" in a)
+    assert [a for script, a in calls if script == "ablations.py"]
+    # every (fraction, seed) once: 1% seeds 0, 1 and 10% in the first process; 1% seed 2 and 100% in the second
+    assert first[first.index("--fractions") + 1 : first.index("--seeds")] == ["0.01", "0.1"]
+    assert second[second.index("--fractions") + 1 : second.index("--seeds")] == ["0.01", "1.0"]
+    assert second[second.index("--seeds") + 1] == "2"
+    # the second process fine-tunes the encoders the first one pretrained; the report merges both
+    given = second[second.index("--checkpoints") + 1 : second.index("--fractions")]
+    assert given == [f"{m}={ev}/le_1/pretrain/{m}/checkpoint.pt"
+                     for m in ("mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32", "convmae_tiny_patch8_64")]  # fmt: skip
+    assert merge[merge.index("--merge") + 1 : merge.index("--out")] == [
+        f"{ev}/le_1/label_efficiency.json", f"{ev}/le_2/label_efficiency.json"
+    ]  # fmt: skip
+    assert calls[-1][1] == merge  # merged last, after both processes
+
+
+def test_evidence_script_stops_when_pretraining_fails(tmp_path):
+    proc, calls = _run_evidence(tmp_path, FAIL_FIRST="1")
+    assert proc.returncode != 0
+    assert "process 1 stopped before" in proc.stdout and "le_1.log" in proc.stdout
+    assert not any("--checkpoints" in argv or "--merge" in argv for _, argv in calls)
