@@ -157,7 +157,13 @@ def evaluate(
     model, key = load_eval_model(checkpoint, "" if random_init else None, seed=args.seed)
     # a seeded random init gives the same figures every run: keep them beside the feature cache
     settings = {k: getattr(args, k) for k in ("linear_epochs", "attentive_epochs", "bf16_features", "seed")}
-    settings |= {"model": key, "data": asdict(spec), "torch": torch.__version__}
+    # attentive_follows_bf16: since the attentive probe runs in bf16 with bf16 features; older files not reused
+    settings |= {
+        "model": key,
+        "data": asdict(spec),
+        "torch": torch.__version__,
+        "attentive_follows_bf16": True,
+    }
     saved = cache / f"random-init-{cache_key(**settings)}.json"
     if random_init and saved.is_file():
         out = json.loads(saved.read_text())

@@ -4,7 +4,7 @@ query [1, D] -> LayerNorm on q, k, v -> multi-head cross-attention over the enco
 -> BatchNorm1d without affine -> Linear. Trained on cached token features; evaluated with the BatchNorm in
 eval mode (running statistics), unlike the authors' script which evaluates in train mode.
 With precision "bf16" the probe's forward runs under bf16 autocast (its weights and AdamW state stay fp32):
-about 2x faster on CPUs with bf16 matmuls (benchmarks/ablations.py measured the probes' accuracy both ways).
+2-3x faster on CPUs with bf16 matmuls, at the same accuracy (docs/evaluation.md, "Feature cache").
 """
 
 from __future__ import annotations
