@@ -23,11 +23,12 @@ Writes into --out: ablations.json (settings with the command line, every point's
 results, per sweep its points in order and the paper's finding), ablations.md (a table per sweep) and
 ablation_<sweep>.png (one figure per sweep). --reuse keeps the points already in ablations.json.
 
-Budget (measured 2026-12-06, Intel Xeon with AMX, one thread): 16 pretraining points at the default --budget 3
-plus their probes (2.4-7.3 CPU-minutes each, median 3.4, at the default 10,000 / 5,000 images) and the partial
-fine-tuning (5 x 300 steps, about 15) are about 2 CPU-hours; --tokenizer-steps 1000 adds 17 CPU-minutes. With
-benchmarks/label_efficiency.py's defaults a full run of both is about 3.3 hours on 2 cores (docs/evidence.md);
---max-train 5000 --max-test 2500 --attentive-epochs 5 halves the probes.
+Budget (measured 2026-12-06, Intel Xeon with AMX, one thread; third session, the attentive probe in bf16):
+every point about 3 CPU-minutes of pretraining plus 1.5-2.5 of probes at the default 10,000 / 5,000 images
+(median 1.7); 17 points about 72 CPU-minutes, the partial fine-tuning (5 x 300 steps) and the feature recipes
+the rest of about 2 CPU-hours in all; --tokenizer-steps 1000 adds 17 CPU-minutes. benchmarks/evidence.sh runs
+this (without cae_masking) and label_efficiency.py's defaults as two processes: about 2.8 hours on 2 cores
+(docs/evidence.md, "Budget").
 """
 
 from __future__ import annotations

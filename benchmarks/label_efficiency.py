@@ -35,11 +35,12 @@ probe (3 lrs) about 6 CPU-min per encoder for 108,000 images seen per lr (hence 
 per (fraction, seed) with the defaults: 1% about 24 CPU-min of fine-tuning (7 nets: 146-360 CPU-s each, the
 CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 measured with the first recipe and
 no attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
---random-init-up-to). With 3 x 20 CPU-min of pretraining and 10 of features, the defaults (3 seeds at 1%, 1 at
-10% and 100%: --seeds-at) come to about 4.5 CPU-hours; with benchmarks/ablations.py's defaults (about 2
-CPU-hours, measured 2026-12-06) the two take about 3.3 hours on 2 cores as two 1-thread processes (split the
-fractions, then --merge): over three hours (docs/evidence.md, "Budget"). All 3 seeds at 10% (--seeds-at 1:1)
-add about 2 CPU-hours.
+--random-init-up-to). Measured in the third session (attentive probe in bf16): 100% 50.3 CPU-min (features
+8.6, probes 4.8, fine-tuning 7.5 / 10.0 / 12.7 for MAE / CAE / ConvMAE, the CNN 4.8); 10% about 45 (24 without random init). With 3 x 20
+CPU-min of pretraining, the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to about 4 CPU-hours;
+benchmarks/evidence.sh runs them with the ablations as two 1-thread processes (random-init fine-tuning at 1%
+only) in about 2.8 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10% (--seeds-at 1:1) add
+about 1.5 CPU-hours.
 """
 
 from __future__ import annotations

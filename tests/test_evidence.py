@@ -277,11 +277,11 @@ def test_evidence_script_splits_the_work_in_two_and_merges(tmp_path):
     first = next(a for a in le if "--checkpoints" not in a and "--merge" not in a)
     second = next(a for a in le if "--checkpoints" in a)
     merge = next(a for a in le if "--merge" in a)
-    assert [a for script, a in calls if script == "ablations.py"]
-    # every (fraction, seed) once: 1% seeds 0, 1 and 10% in the first process; 1% seed 2 and 100% in the second
-    assert first[first.index("--fractions") + 1 : first.index("--seeds")] == ["0.01", "0.1"]
-    assert second[second.index("--fractions") + 1 : second.index("--seeds")] == ["0.01", "1.0"]
-    assert second[second.index("--seeds") + 1] == "2"
+    # each fraction once: 1% and 10% in the first process, 100% in the second; cae_masking left out
+    assert first[first.index("--fractions") + 1 : first.index("--random-init-up-to")] == ["0.01", "0.1"]
+    assert second[second.index("--fractions") + 1 : second.index("--resume")] == ["1.0"]
+    sweeps = next(a for script, a in calls if script == "ablations.py")
+    assert "mae_partial_ft" in sweeps and "cae_target" in sweeps and "cae_masking" not in sweeps
     # the second process fine-tunes the encoders the first one pretrained; the report merges both
     given = second[second.index("--checkpoints") + 1 : second.index("--fractions")]
     assert given == [f"{m}={ev}/le_1/pretrain/{m}/checkpoint.pt"
