@@ -25,9 +25,9 @@ ablation_<sweep>.png (one figure per sweep). --reuse keeps the points already in
 
 Budget (measured 2026-12-06, Intel Xeon with AMX, one thread; third session, the attentive probe in bf16):
 every point about 3 CPU-minutes of pretraining plus 1.5-2.5 of probes at the default 10,000 / 5,000 images
-(median 1.7); 17 points about 72 CPU-minutes, the partial fine-tuning (5 x 300 steps) and the feature recipes
-the rest of about 2 CPU-hours in all; --tokenizer-steps 1000 adds 17 CPU-minutes. benchmarks/evidence.sh runs
-this (without cae_masking) and label_efficiency.py's defaults as two processes: about 2.8 hours on 2 cores
+(median 1.7); every sweep 95 CPU-minutes (17 points 83, the partial fine-tuning 7, the feature recipes the
+rest); --tokenizer-steps 1000 adds 17 CPU-minutes. benchmarks/evidence.sh runs
+this (without cae_masking) and label_efficiency.py's defaults as two processes: under 3 hours on 2 cores
 (docs/evidence.md, "Budget").
 """
 

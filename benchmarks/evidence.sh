@@ -8,7 +8,7 @@
 #            (1 seed; random-init fine-tuning at 1% only);
 # process 2: the ablation sweeps, then label efficiency at 100% (1 seed) on process 1's encoders.
 # Measured pieces (2026-12-06, Intel Xeon with AMX, CPU-minutes): process 1 about 60 + 3 x 27 + 24 + 3 = 168,
-# process 2 about 115 + 50 = 165.
+# process 2 about 107 + 50 = 157.
 # Both resume where they stopped (--resume / --reuse): run the same command again after an interruption.
 # Writes OUT/label_efficiency/label_efficiency.{json,md,png} and OUT/ablations/ablations.{json,md} + figures.
 set -euo pipefail
