@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # docs/evidence.md in one command: label efficiency and the ablations with their defaults, as two 1-thread
-# processes on a 2-core machine (about 2.8 hours, docs/evidence.md "Budget"), then one merged report.
+# processes on a 2-core machine (about 2.9 hours, docs/evidence.md "Budget"), then one merged report.
 #
 #   bash benchmarks/evidence.sh [OUT]          # default OUT: runs/evidence
 #
 # process 1: pretrain the three encoders (20 CPU-minutes each), label efficiency at 1% (3 seeds) and 10%
 #            (1 seed; random-init fine-tuning at 1% only);
 # process 2: the ablation sweeps, then label efficiency at 100% (1 seed) on process 1's encoders.
-# Measured pieces (2026-12-06, Intel Xeon with AMX, CPU-minutes): process 1 about 60 + 3 x 27 + 24 + 3 = 168,
+# Measured pieces (2026-12-06, Intel Xeon with AMX, CPU-minutes): process 1 about 60 + 3 x 27 + 31 + 3 = 175,
 # process 2 about 107 + 50 = 157.
 # Both resume where they stopped (--resume / --reuse): run the same command again after an interruption.
 # Writes OUT/label_efficiency/label_efficiency.{json,md,png} and OUT/ablations/ablations.{json,md} + figures.

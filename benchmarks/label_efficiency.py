@@ -36,10 +36,10 @@ per (fraction, seed) with the defaults: 1% about 24 CPU-min of fine-tuning (7 ne
 CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 measured with the first recipe and
 no attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
 --random-init-up-to). Measured in the third session (attentive probe in bf16): 100% 50.3 CPU-min (features
-8.6, probes 4.8, fine-tuning 7.5 / 10.0 / 12.7 for MAE / CAE / ConvMAE, the CNN 4.8); 10% about 45 (24 without random init). With 3 x 20
+8.6, probes 4.8, fine-tuning 7.5 / 10.0 / 12.7 for MAE / CAE / ConvMAE, the CNN 4.8); 10% 52 measured (31 without random init). With 3 x 20
 CPU-min of pretraining, the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to about 4 CPU-hours;
 benchmarks/evidence.sh runs them with the ablations as two 1-thread processes (random-init fine-tuning at 1%
-only) in about 2.8 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10% (--seeds-at 1:1) add
+only) in about 2.9 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10% (--seeds-at 1:1) add
 about 1.5 CPU-hours.
 """
 
