@@ -28,19 +28,15 @@ seeds -> label_efficiency.json, label_efficiency.md (table) and label_efficiency
 labels, log x, one line per method/baseline) in --out. Results are saved after every setting of a (fraction, seed), and
 --resume skips what is there.
 
-Budget (CPU-seconds, one thread; measured on the 2-core Intel Xeon with AMX of 2026-12-06): a fine-tuning
-step of 64 images costs 0.5-0.7 for the ViT presets, 0.85-1.0 for ConvMAE (bf16 forward), 0.2 for resnet10t;
-LP-FT's head phase about a third of that per step; frozen features about 300 images per CPU-s; the attentive
-probe (3 lrs) about 6 CPU-min per encoder for 108,000 images seen per lr (hence --attentive-samples). Measured
-per (fraction, seed) with the defaults: 1% about 24 CPU-min of fine-tuning (7 nets: 146-360 CPU-s each, the
-CNN 62-71) + 5 of probes; 10% about 40 + 20; 100% about 55, estimated (26.5 measured with the first recipe and
-no attentive probe; LP-FT's head epoch and the capped attentive probe add about 9 and 18; no random init there:
---random-init-up-to). Measured in the third session (attentive probe in bf16): 100% 50.3 CPU-min (features
-8.6, probes 4.8, fine-tuning 7.5 / 10.0 / 12.7 for MAE / CAE / ConvMAE, the CNN 4.8); 10% 52 measured (31 without random init). With 3 x 20
-CPU-min of pretraining, the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to about 4 CPU-hours;
-benchmarks/evidence.sh runs them with the ablations as two 1-thread processes (random-init fine-tuning at 1%
-only) in about 2.9 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10% (--seeds-at 1:1) add
-about 1.5 CPU-hours.
+Budget (CPU time, one thread, 2-core Intel Xeon with AMX, 2026-12-06; the attentive probe in bf16): a
+fine-tuning step of 64 images costs 0.5-0.7 CPU-s for the ViT presets, 0.85-1.0 for ConvMAE, 0.2 for resnet10t
+(LP-FT's head phase about a third of that); frozen features about 300 images per CPU-s. Per (fraction, seed)
+with the defaults: 1% about 27 CPU-min (24 of fine-tuning 7 nets, 3 of probes); 10% 52 (31 without the random
+inits); 100% 50.3 (features 8.6, probes 4.8, fine-tuning 7.5 / 10.0 / 12.7 for MAE / CAE / ConvMAE, the CNN
+4.8). With 3 x 20 CPU-min of pretraining the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to
+about 4 CPU-hours; benchmarks/evidence.sh runs them beside the ablations as two 1-thread processes (random-init
+fine-tuning at 1% only) in about 2.9 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10%
+(--seeds-at 1:1) add about 1.5 CPU-hours.
 """
 
 from __future__ import annotations
