@@ -230,6 +230,29 @@ def test_attentive_probe_epochs_shrink_where_labels_are_many():
     assert [le.attentive_epochs(n, args) for n in (600, 6000, 60000)] == [10, 5, 1]
 
 
+def test_per_method_fine_tuning_settings_replace_the_shared_ones():
+    le = _module("label_efficiency")
+    args = le.parse_args(["--model-ft", '{"cae_vit_tiny_patch4_32": {"crop_min": 1.0, "layer_decay": 0.9}}'])
+    shared = le.finetune_config(300, 600, args, 0, random_init=False, model="mae_vit_tiny_patch4_32")
+    cae = le.finetune_config(300, 600, args, 0, random_init=False, model="cae_vit_tiny_patch4_32")
+    cae_random = le.finetune_config(300, 600, args, 0, random_init=True, model="cae_vit_tiny_patch4_32")
+    assert (shared.crop_scale, shared.layer_decay) == ((0.6, 1.0), 0.75)
+    assert (cae.crop_scale, cae.layer_decay, cae.base_lr) == ((1.0, 1.0), 0.9, shared.base_lr)
+    # the random init gets the method's crops (a fair baseline) and, as every random init, no layer decay
+    assert (cae_random.crop_scale, cae_random.layer_decay) == ((1.0, 1.0), 1.0)
+    plain = le.finetune_config(
+        300, 600, le.parse_args(["--model-ft", "{}"]), 0, False, model="cae_vit_tiny_patch4_32"
+    )
+    assert plain.crop_scale == shared.crop_scale
+
+
+def test_per_method_fine_tuning_settings_reject_unknown_keys(capsys):
+    le = _module("label_efficiency")
+    with pytest.raises(SystemExit):
+        le.parse_args(["--model-ft", '{"cae_vit_tiny_patch4_32": {"crop": 1.0}}'])
+    assert "--model-ft: cae_vit_tiny_patch4_32 has ['crop']; allowed keys are" in capsys.readouterr().err
+
+
 STUB_PYTHON = r"""#!/usr/bin/env python3
 # Stands in for python in benchmarks/evidence.sh: records each call, writes what the real program would.
 import json, os, sys, time
