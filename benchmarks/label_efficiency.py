@@ -15,7 +15,8 @@ mimkit.data.subsets), with 3 seeds (the subset and the training order change wit
   steps than these budgets have — with RandAugment, 126 steps on 600 labels reached 56% where 60% without —
   for a fixed number of optimizer steps per label fraction (--ft-steps), the same for every net. On 600 labels
   (MAE, seed 0, 2026-12-06) the recipe went 73.2% (plain fine-tuning, lr 8e-3, crops 25-100%, 150 steps) ->
-  75.7 (LP-FT, lr 4e-3) -> 78.2 (crops 60-100%) -> 79.8 (300 steps);
+  75.7 (LP-FT, lr 4e-3) -> 78.2 (crops 60-100%) -> 79.8 (300 steps). --model-ft changes crops, layer decay
+  or lr for one method (default: CAE without crops, layer decay 0.9: its encoder is crop-sensitive; MODEL_FT);
 - frozen probes on the same labels: linear, attentive and kNN (mimkit.eval; lr chosen on 10% of the labels);
 - baselines with the same labels: the same network from random init fine-tuned with the same step budget
   (layer-wise lr decay off, as from-scratch training has no pretrained lower layers to protect), multinomial
