@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # docs/evidence.md in one command: label efficiency and the ablations with their defaults, as two 1-thread
-# processes on a 2-core machine (about 2.9 hours, docs/evidence.md "Budget"), then one merged report.
+# processes on a 2-core machine (about 3 hours, docs/evidence.md "Budget"), then one merged report.
 #
 #   bash benchmarks/evidence.sh [OUT]          # default OUT: runs/evidence
 #

@@ -36,7 +36,7 @@ with the defaults: 1% about 27 CPU-min (24 of fine-tuning 7 nets, 3 of probes); 
 inits); 100% 50.3 (features 8.6, probes 4.8, fine-tuning 7.5 / 10.0 / 12.7 for MAE / CAE / ConvMAE, the CNN
 4.8). With 3 x 20 CPU-min of pretraining the defaults (3 seeds at 1%, 1 at 10% and 100%: --seeds-at) come to
 about 4 CPU-hours; benchmarks/evidence.sh runs them beside the ablations as two 1-thread processes (random-init
-fine-tuning at 1% only) in about 2.9 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10%
+fine-tuning at 1% only) in about 3 hours on 2 cores (docs/evidence.md, "Budget"). All 3 seeds at 10%
 (--seeds-at 1:1) add about 1.5 CPU-hours.
 """
 
