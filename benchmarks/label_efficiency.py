@@ -65,7 +65,7 @@ DEFAULT_MODELS = ("mae_vit_tiny_patch4_32", "cae_vit_tiny_patch4_32", "convmae_t
 # CAE's encoder is sensitive to random-resized crops: a linear head on its frozen 20-CPU-minute encoder, trained
 # in the fine-tuning pipeline on 600 labels, reached 61.9% with crops of 60-100% of the area and 69.0% without
 # (MAE: 75.9% with them); fine-tuning without crops and with layer decay 0.9 lifted CAE from 72.8 to 77.5 on
-# seed 0 (docs/evidence.md section 1). MAE lost 0.5 without crops, so the shared recipe keeps them.
+# seed 0 (docs/evidence.md section 1a). MAE lost 0.5 without crops, so the shared recipe keeps them.
 MODEL_FT = {"cae_vit_tiny_patch4_32": {"crop_min": 1.0, "layer_decay": 0.9}}
 FT_KEYS = ("crop_min", "layer_decay", "ft_lr")
 SHORT = {
