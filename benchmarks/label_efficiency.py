@@ -142,7 +142,7 @@ def finetune_config(
     `model`'s entry in --model-ft replaces the shared crop_min / layer_decay / ft_lr."""
     from mimkit.eval.finetune import FinetuneConfig
 
-    own = {"crop_min": args.crop_min, "layer_decay": args.layer_decay, "ft_lr": args.ft_lr}
+    own = {key: getattr(args, key) for key in FT_KEYS}
     own |= (args.model_ft or {}).get(model, {})
     batch = min(args.ft_batch, n_train - n_train % 2)
     per_epoch = max(1, n_train // batch)
